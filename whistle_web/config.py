@@ -1,0 +1,91 @@
+"""Configuration read from environment variables only (12-factor)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# The development default is deliberately recognisable so production can refuse it.
+DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"  # noqa: S105
+MIN_SECRET_KEY_LENGTH = 32
+ENVIRONMENTS = ("development", "test", "production")
+
+
+class ConfigError(RuntimeError):
+    """Raised when the environment does not describe a runnable configuration."""
+
+
+def normalize_database_url(url: str) -> str:
+    """Make a PaaS-style ``postgres://`` URL use SQLAlchemy's psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _bool(value: str | None, default: bool = False) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Build the Flask configuration from ``environ`` (``os.environ`` by default).
+
+    Raises:
+        ConfigError: production mode without a real ``SECRET_KEY``, database or Redis.
+    """
+    env = os.environ if environ is None else environ
+    whistle_env = env.get("WHISTLE_ENV", "development").strip().lower()
+    if whistle_env not in ENVIRONMENTS:
+        raise ConfigError(
+            f"WHISTLE_ENV must be one of {', '.join(ENVIRONMENTS)}, not {whistle_env!r}"
+        )
+    production = whistle_env == "production"
+
+    secret_key = env.get("SECRET_KEY", "")
+    if production:
+        if not secret_key or secret_key == DEV_SECRET_KEY:
+            raise ConfigError("SECRET_KEY must be set to a random value in production")
+        if len(secret_key) < MIN_SECRET_KEY_LENGTH:
+            raise ConfigError(
+                f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters in production"
+            )
+        for name in ("DATABASE_URL", "REDIS_URL"):
+            if not env.get(name):
+                raise ConfigError(f"{name} must be set in production")
+    secret_key = secret_key or DEV_SECRET_KEY
+
+    database_url = env.get("DATABASE_URL", "")
+    data_dir = Path(env.get("WHISTLE_DATA_DIR") or PROJECT_ROOT / ".data")
+
+    return {
+        "WHISTLE_ENV": whistle_env,
+        "TESTING": whistle_env == "test",
+        "SECRET_KEY": secret_key,
+        "SQLALCHEMY_DATABASE_URI": normalize_database_url(database_url) if database_url else "",
+        "SQLALCHEMY_ENGINE_OPTIONS": {
+            "pool_pre_ping": True,
+            "pool_size": int(env.get("WHISTLE_DB_POOL_SIZE", "10")),
+        },
+        "REDIS_URL": env.get("REDIS_URL", ""),
+        "SENTRY_DSN": env.get("SENTRY_DSN", ""),
+        "WHISTLE_DATA_DIR": data_dir,
+        "WHISTLE_BASE_URL": env.get("WHISTLE_BASE_URL", "http://127.0.0.1:5000").rstrip("/"),
+        # A base64 32-byte key for provider credentials; derived from SECRET_KEY when unset.
+        "WHISTLE_ENCRYPTION_KEY": env.get("WHISTLE_ENCRYPTION_KEY", ""),
+        "WHISTLE_KMS_KEY_ID": env.get("WHISTLE_KMS_KEY_ID", ""),
+        "WHISTLE_LOG_LEVEL": env.get("WHISTLE_LOG_LEVEL", "INFO").upper(),
+        "SESSION_COOKIE_HTTPONLY": True,
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "SESSION_COOKIE_SECURE": production or _bool(env.get("WHISTLE_SECURE_COOKIES")),
+        "REMEMBER_COOKIE_HTTPONLY": True,
+        "REMEMBER_COOKIE_SECURE": production or _bool(env.get("WHISTLE_SECURE_COOKIES")),
+        "PERMANENT_SESSION_LIFETIME": int(env.get("WHISTLE_SESSION_HOURS", "12")) * 3600,
+        "WTF_CSRF_TIME_LIMIT": None,
+        "PREFERRED_URL_SCHEME": "https" if production else "http",
+    }

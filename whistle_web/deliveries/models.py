@@ -1,0 +1,204 @@
+"""Deliveries (the per-recipient ledger), their batches, events and funnel counters."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ForeignKey, Identity, Index, String, Text, UniqueConstraint, text
+from sqlalchemy.orm import Mapped, mapped_column, validates
+
+from whistle_web.channels.kinds import Channel
+from whistle_web.db import str_enum
+from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause, can_transition
+from whistle_web.extensions import db
+from whistle_web.tenancy import TenantScoped
+
+
+class InvalidTransition(ValueError):
+    """Raised when code tries to move a delivery backwards in the ledger."""
+
+
+class Delivery(TenantScoped, db.Model):
+    """One notification on one channel through one provider."""
+
+    __tablename__ = "deliveries"
+    __tenant_index__ = False
+    __table_args__ = (
+        UniqueConstraint("notification_id", "channel"),
+        # Workers claim a batch's queued rows with FOR UPDATE SKIP LOCKED.
+        Index("ix_deliveries_batch_status", "batch_id", "status"),
+        # Funnels and campaign pages filter by campaign, channel and status. Ids are global,
+        # so these need no organization prefix (the tenant filter is added on top), and
+        # cascades from campaigns and recipients can use them.
+        Index("ix_deliveries_campaign", "campaign_id", "channel", "status"),
+        # The recipient's story, newest first.
+        Index("ix_deliveries_recipient", "recipient_id", "id"),
+        # Listing and time filters.
+        Index("ix_deliveries_org_created", "organization_id", "created_at"),
+        # Provider callbacks (SES, Twilio) find the delivery by the provider's message id.
+        Index(
+            "ix_deliveries_provider_message",
+            "provider_message_id",
+            postgresql_where=text("provider_message_id IS NOT NULL"),
+        ),
+        # Deliveries held back by quiet hours or a backoff, found by the scheduler tick.
+        Index(
+            "ix_deliveries_not_before",
+            "not_before",
+            postgresql_where=text("status = 'queued' AND not_before IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Identity(), primary_key=True)
+    notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id", ondelete="CASCADE"))
+    recipient_id: Mapped[int | None] = mapped_column(
+        ForeignKey("recipients.id", ondelete="SET NULL")
+    )
+    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    template_id: Mapped[int | None] = mapped_column(ForeignKey("templates.id", ondelete="SET NULL"))
+    batch_id: Mapped[int | None] = mapped_column(
+        ForeignKey("delivery_batches.id", ondelete="SET NULL")
+    )
+    channel: Mapped[Channel] = mapped_column(str_enum(Channel, "delivery_channel"))
+    provider_id: Mapped[int | None] = mapped_column(ForeignKey("providers.id", ondelete="SET NULL"))
+    status: Mapped[DeliveryStatus] = mapped_column(
+        str_enum(DeliveryStatus, "delivery_status"), server_default=DeliveryStatus.QUEUED.value
+    )
+    suppression_reason: Mapped[SuppressionCause | None] = mapped_column(
+        str_enum(SuppressionCause, "delivery_suppression_reason")
+    )
+    # Address at send time: email, phone, device token or webhook URL.
+    address: Mapped[str | None] = mapped_column(Text)
+    provider_message_id: Mapped[str | None] = mapped_column(String(255))
+    # The message as sent (subject, bodies), kept for the recipient's story.
+    rendered: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(server_default="0")
+    # Not to be sent before this time (quiet hours, local-time sends, retry backoff).
+    not_before: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    updated_at: Mapped[datetime] = mapped_column(
+        server_default=text("now()"), onupdate=text("now()")
+    )
+    sent_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    seen_at: Mapped[datetime | None]
+    read_at: Mapped[datetime | None]
+    clicked_at: Mapped[datetime | None]
+    archived_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+    bounced_at: Mapped[datetime | None]
+
+    @validates("status")
+    def _check_status(self, key: str, value: DeliveryStatus | str) -> DeliveryStatus:
+        new = DeliveryStatus(value)
+        old = self.status
+        if old is not None and not can_transition(old, new):
+            raise InvalidTransition(f"delivery {self.id} cannot move from {old} to {new}")
+        return new
+
+    def advance(self, status: DeliveryStatus | str, at: datetime) -> bool:
+        """Move forward to ``status`` and stamp its time; a late or backward event is ignored.
+
+        Returns:
+            True when the status changed.
+        """
+        new = DeliveryStatus(status)
+        if new == self.status or not can_transition(self.status, new):
+            return False
+        self.status = new
+        stamp = f"{new.value}_at"
+        if hasattr(self, stamp) and getattr(self, stamp) is None:
+            setattr(self, stamp, at)
+        return True
+
+
+class BatchStatus(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class DeliveryBatch(TenantScoped, db.Model):
+    """Deliveries of one send request on one channel handled by one job."""
+
+    __tablename__ = "delivery_batches"
+    __table_args__ = (
+        Index("ix_delivery_batches_send_request", "send_request_id"),
+        # The sweeper re-enqueues batches whose job vanished.
+        Index(
+            "ix_delivery_batches_open",
+            "enqueued_at",
+            postgresql_where=text("status <> 'done'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Identity(), primary_key=True)
+    send_request_id: Mapped[int] = mapped_column(ForeignKey("send_requests.id", ondelete="CASCADE"))
+    channel: Mapped[Channel] = mapped_column(str_enum(Channel, "batch_channel"))
+    status: Mapped[BatchStatus] = mapped_column(
+        str_enum(BatchStatus, "batch_status"), server_default=BatchStatus.PENDING.value
+    )
+    size: Mapped[int] = mapped_column(server_default="0")
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(server_default="0")
+    created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    enqueued_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class DeliveryEvent(TenantScoped, db.Model):
+    """Append-only record of what happened to a delivery; PostgreSQL refuses updates."""
+
+    __tablename__ = "delivery_events"
+    __tenant_index__ = False
+    __table_args__ = (
+        Index("ix_delivery_events_delivery", "delivery_id", "occurred_at"),
+        Index("ix_delivery_events_org_occurred", "organization_id", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Identity(), primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id", ondelete="CASCADE"))
+    # A ledger status, or "complaint", "opened", "unsubscribed", "retry", a custom conversion.
+    type: Mapped[str] = mapped_column(String(64))
+    occurred_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    data: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+
+
+class StatScope(enum.StrEnum):
+    ORGANIZATION = "organization"
+    CAMPAIGN = "campaign"
+    TEMPLATE = "template"
+
+
+class DeliveryStat(TenantScoped, db.Model):
+    """Funnel counters per scope, channel, metric and hour, so funnels never COUNT(*) deliveries.
+
+    Writers add with ``INSERT ... ON CONFLICT DO UPDATE SET value = value + excluded.value``.
+    """
+
+    __tablename__ = "delivery_stats"
+    __tenant_index__ = False
+    __table_args__ = (
+        UniqueConstraint(
+            "organization_id",
+            "scope",
+            "scope_id",
+            "channel",
+            "metric",
+            "bucket",
+            name="uq_delivery_stats_key",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Identity(), primary_key=True)
+    scope: Mapped[StatScope] = mapped_column(str_enum(StatScope, "stat_scope"))
+    # The campaign or template id; the organization id for the ORGANIZATION scope.
+    scope_id: Mapped[int]
+    channel: Mapped[Channel] = mapped_column(str_enum(Channel, "stat_channel"))
+    # "targeted", a ledger status, or "suppressed:<reason>" / "failed:<reason>".
+    metric: Mapped[str] = mapped_column(String(80))
+    bucket: Mapped[datetime]
+    value: Mapped[int] = mapped_column(server_default="0")

@@ -1,0 +1,112 @@
+"""Funnel counters derived from the delivery ledger."""
+
+from __future__ import annotations
+
+from sqlalchemy import Select, Text, and_, cast, delete, func, literal, select
+from sqlalchemy.dialects.postgresql import insert
+
+from whistle_web.deliveries.models import Delivery, DeliveryStat, StatScope
+from whistle_web.deliveries.status import DeliveryStatus
+from whistle_web.extensions import db
+from whistle_web.tenancy import require_organization_id
+
+# Funnel steps and the ledger fact that proves a delivery reached each of them.
+FUNNEL_STEPS = {
+    "targeted": literal(True),
+    "suppressed": Delivery.status == DeliveryStatus.SUPPRESSED,
+    "queued": Delivery.status != DeliveryStatus.SUPPRESSED,
+    "sent": Delivery.sent_at.is_not(None),
+    "delivered": Delivery.delivered_at.is_not(None),
+    "seen": Delivery.seen_at.is_not(None),
+    "read": Delivery.read_at.is_not(None),
+    "clicked": Delivery.clicked_at.is_not(None),
+    "failed": Delivery.status == DeliveryStatus.FAILED,
+    "bounced": Delivery.status == DeliveryStatus.BOUNCED,
+    "cancelled": Delivery.status == DeliveryStatus.CANCELLED,
+}
+
+
+def _ledger_counts(scope: StatScope, where: list) -> list[Select]:  # type: ignore[type-arg]
+    bucket = func.date_trunc("hour", Delivery.created_at)
+    scope_id = {
+        StatScope.ORGANIZATION: Delivery.organization_id,
+        StatScope.CAMPAIGN: Delivery.campaign_id,
+        StatScope.TEMPLATE: Delivery.template_id,
+    }[scope]
+    selects = []
+    for metric, condition in FUNNEL_STEPS.items():
+        selects.append(
+            select(
+                Delivery.organization_id,
+                literal(scope.value).label("scope"),
+                scope_id.label("scope_id"),
+                Delivery.channel,
+                literal(metric).label("metric"),
+                bucket.label("bucket"),
+                func.count().label("value"),
+            )
+            .where(*where, condition, scope_id.is_not(None))
+            .group_by(Delivery.organization_id, scope_id, Delivery.channel, bucket)
+        )
+    reasons = (
+        select(
+            Delivery.organization_id,
+            literal(scope.value).label("scope"),
+            scope_id.label("scope_id"),
+            Delivery.channel,
+            func.concat(
+                "suppressed:", func.coalesce(cast(Delivery.suppression_reason, Text), "unknown")
+            ).label("metric"),
+            bucket.label("bucket"),
+            func.count().label("value"),
+        )
+        .where(*where, Delivery.status == DeliveryStatus.SUPPRESSED, scope_id.is_not(None))
+        .group_by(
+            Delivery.organization_id,
+            scope_id,
+            Delivery.channel,
+            bucket,
+            Delivery.suppression_reason,
+        )
+    )
+    return [*selects, reasons]
+
+
+def rebuild_stats(scope: StatScope, scope_id: int) -> int:
+    """Recompute one scope's funnel counters from the ledger (backfill and repair).
+
+    Returns:
+        The number of counter rows written.
+    """
+    org_id = require_organization_id()
+    db.session.execute(
+        delete(DeliveryStat).where(DeliveryStat.scope == scope, DeliveryStat.scope_id == scope_id)
+    )
+    column = {
+        StatScope.ORGANIZATION: Delivery.organization_id,
+        StatScope.CAMPAIGN: Delivery.campaign_id,
+        StatScope.TEMPLATE: Delivery.template_id,
+    }[scope]
+    where = [and_(Delivery.organization_id == org_id, column == scope_id)]
+    written = 0
+    for query in _ledger_counts(scope, where):
+        stmt = insert(DeliveryStat).from_select(
+            ["organization_id", "scope", "scope_id", "channel", "metric", "bucket", "value"], query
+        )
+        written += db.session.execute(stmt).rowcount or 0
+    return written
+
+
+def funnel(scope: StatScope, scope_id: int) -> dict[str, dict[str, int]]:
+    """Counts per funnel metric, overall (``"all"``) and per channel, from the counters."""
+    rows = db.session.execute(
+        select(DeliveryStat.channel, DeliveryStat.metric, func.sum(DeliveryStat.value))
+        .where(DeliveryStat.scope == scope, DeliveryStat.scope_id == scope_id)
+        .group_by(DeliveryStat.channel, DeliveryStat.metric)
+    ).all()
+    result: dict[str, dict[str, int]] = {"all": dict.fromkeys(FUNNEL_STEPS, 0)}
+    for channel, metric, value in rows:
+        per_channel = result.setdefault(str(channel), dict.fromkeys(FUNNEL_STEPS, 0))
+        per_channel[metric] = per_channel.get(metric, 0) + int(value)
+        result["all"][metric] = result["all"].get(metric, 0) + int(value)
+    return result

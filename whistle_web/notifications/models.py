@@ -1,0 +1,109 @@
+"""Send requests (what was asked) and notifications (one message to one recipient)."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ARRAY, ForeignKey, Identity, Index, String, Text, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from whistle_web.db import str_enum
+from whistle_web.extensions import db
+from whistle_web.tenancy import TenantScoped
+
+
+class SendRequestKind(enum.StrEnum):
+    TRIGGER = "trigger"
+    CAMPAIGN = "campaign"
+
+
+class SendRequestStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for send_at
+    PLANNING = "planning"  # the planner is resolving the audience in batches
+    PLANNED = "planned"  # every notification and delivery is written
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class SendRequest(TenantScoped, db.Model):
+    """A trigger or a campaign run: written in the request, planned by a worker."""
+
+    __tablename__ = "send_requests"
+    __table_args__ = (
+        Index(
+            "uq_send_requests_idempotency",
+            "organization_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+        # The scheduler tick picks up due requests across organizations.
+        Index(
+            "ix_send_requests_due",
+            "send_at",
+            postgresql_where=text("status IN ('pending', 'planning')"),
+        ),
+        Index("ix_send_requests_campaign", "campaign_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Identity(), primary_key=True)
+    kind: Mapped[SendRequestKind] = mapped_column(str_enum(SendRequestKind, "send_request_kind"))
+    status: Mapped[SendRequestStatus] = mapped_column(
+        str_enum(SendRequestStatus, "send_request_status"),
+        server_default=SendRequestStatus.PENDING.value,
+    )
+    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    template_id: Mapped[int] = mapped_column(ForeignKey("templates.id", ondelete="RESTRICT"))
+    template_version_id: Mapped[int] = mapped_column(
+        ForeignKey("template_versions.id", ondelete="RESTRICT")
+    )
+    # {"type": "recipients", "ids": [...]} | {"type": "topic", "id": N} | {"type": "segment", ...}
+    audience: Mapped[dict[str, Any]]
+    data: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    channels: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    send_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    # Keyset position of the planner: recipients with id <= cursor are planned.
+    cursor_recipient_id: Mapped[int] = mapped_column(server_default="0")
+    # Audience snapshot bound: recipients created after launch have larger ids.
+    max_recipient_id: Mapped[int | None]
+    planned_count: Mapped[int] = mapped_column(server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(320))
+    created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    planned_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+
+
+class Notification(TenantScoped, db.Model):
+    """One logical message to one recipient; it has a delivery per channel."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        # One notification per recipient per send request, even when planning is retried.
+        Index(
+            "uq_notifications_request_recipient",
+            "send_request_id",
+            "recipient_id",
+            unique=True,
+        ),
+        # The recipient's timeline and inbox, newest first (also serves erasure's SET NULL).
+        Index("ix_notifications_recipient", "recipient_id", "id"),
+        Index("ix_notifications_campaign", "campaign_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Identity(), primary_key=True)
+    send_request_id: Mapped[int] = mapped_column(ForeignKey("send_requests.id", ondelete="CASCADE"))
+    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    template_id: Mapped[int | None] = mapped_column(ForeignKey("templates.id", ondelete="SET NULL"))
+    category_id: Mapped[int | None] = mapped_column(
+        ForeignKey("categories.id", ondelete="SET NULL")
+    )
+    # Kept (as NULL) when the recipient is erased so the counts stay.
+    recipient_id: Mapped[int | None] = mapped_column(
+        ForeignKey("recipients.id", ondelete="SET NULL")
+    )
+    data: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))

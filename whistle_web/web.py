@@ -1,0 +1,52 @@
+"""Request plumbing shared by the console and the API: tenancy, headers, error pages."""
+
+from __future__ import annotations
+
+from flask import Flask, Response, g, render_template, request
+
+from whistle_web import tenancy
+
+CONSOLE_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'self'; "
+    "object-src 'none'"
+)
+
+
+def init_app(app: Flask) -> None:
+    app.teardown_request(_leave_organization)
+    app.after_request(_security_headers)
+    for code in (400, 403, 404, 405, 413, 429, 500):
+        app.register_error_handler(code, _error_page)
+
+
+def enter_organization(organization_id: int) -> None:
+    """Scope the rest of this request to one organization (undone at teardown)."""
+    g.whistle_tenant_token = tenancy.activate(organization_id)
+
+
+def _leave_organization(exc: BaseException | None) -> None:
+    token = g.pop("whistle_tenant_token", None)
+    if token is not None:
+        tenancy.deactivate(token)
+
+
+def _security_headers(response: Response) -> Response:
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "strict-origin-when-cross-origin")
+    headers.setdefault("X-Frame-Options", "DENY")
+    if response.mimetype == "text/html":
+        headers.setdefault("Content-Security-Policy", CONSOLE_CSP)
+    if request.is_secure:
+        headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
+    return response
+
+
+def _error_page(error: Exception) -> tuple[str, int] | Response:
+    code = getattr(error, "code", 500) or 500
+    if request.path.startswith("/api/"):
+        from whistle_web.api.problems import problem
+
+        return problem(code, getattr(error, "description", None))
+    return render_template("errors/error.html", code=code, error=error), code

@@ -1,0 +1,16 @@
+"""Housekeeping jobs run by the scheduler."""
+
+from __future__ import annotations
+
+import time
+
+from whistle_web import get_redis
+
+SCHEDULER_HEARTBEAT_KEY = "whistle:scheduler:heartbeat"
+
+
+def record_scheduler_heartbeat() -> float:
+    """Store when the scheduler last got a job through a worker (the operations page reads it)."""
+    now = time.time()
+    get_redis().set(SCHEDULER_HEARTBEAT_KEY, now, ex=600)
+    return now
