@@ -47,7 +47,9 @@ def admin_conninfo(database_url: str, database: str = "postgres") -> str:
 def recreate_database(database_url: str) -> None:
     name = make_url(database_url).database
     with psycopg.connect(admin_conninfo(database_url), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 

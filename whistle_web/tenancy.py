@@ -7,6 +7,11 @@ that touches such a model gets ``organization_id = <current>`` added by a sessio
 of another organization. Without an active organization, tenant-scoped queries raise
 :class:`TenantScopeError` unless the statement was marked with :func:`unscoped` on purpose
 (sign-in, API key look-up, system ticks that work across organizations).
+
+Query tenant tables through their ORM classes (``select(Recipient)``,
+``select(func.count()).select_from(Recipient)``): the criteria attach to ORM entities, so
+a Core ``Table`` object would bypass them. Bulk INSERTs are not filtered; they take
+``organization_id`` from :func:`require_organization_id`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from sqlalchemy.orm import (
     mapped_column,
     with_loader_criteria,
 )
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import Executable, visitors
 
 UNSCOPED_OPTION = "whistle_unscoped"
 
@@ -95,8 +100,30 @@ def unscoped(statement: E) -> E:
     return statement.execution_options(**{UNSCOPED_OPTION: True})
 
 
-def _is_tenant_mapper(mapper: Any) -> bool:
-    return issubclass(mapper.class_, TenantScoped)
+_tables_cache: tuple[int, frozenset[Any]] = (-1, frozenset())
+
+
+def _tenant_tables() -> frozenset[Any]:
+    global _tables_cache
+    from whistle_web.extensions import db
+
+    mappers = db.Model.registry.mappers
+    if _tables_cache[0] != len(mappers):
+        tables = frozenset(m.local_table for m in mappers if issubclass(m.class_, TenantScoped))
+        _tables_cache = (len(mappers), tables)
+    return _tables_cache[1]
+
+
+def _touches_tenant_tables(state: ORMExecuteState) -> bool:
+    if any(issubclass(m.class_, TenantScoped) for m in state.all_mappers):
+        return True
+    # all_mappers misses entities that only appear in select_from(), joins or subqueries.
+    tables = _tenant_tables()
+    return any(
+        element in tables
+        for element in visitors.iterate(state.statement)
+        if getattr(element, "__visit_name__", None) == "table"
+    )
 
 
 @event.listens_for(FlaskSession, "do_orm_execute")
@@ -108,7 +135,7 @@ def _scope_statement(state: ORMExecuteState) -> None:
         return
     if state.execution_options.get(UNSCOPED_OPTION):
         return
-    if not any(_is_tenant_mapper(m) for m in state.all_mappers):
+    if not _touches_tenant_tables(state):
         return
     org_id = _current_organization.get()
     if org_id is None:
