@@ -27,6 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_DATABASE = "whistle_test"
 
 
+class RollbackSession(TenantSession):
+    """The app's session, pinned to the test's connection.
+
+    Flask-SQLAlchemy's session picks its engine itself and would ignore ``bind``.
+    """
+
+    def get_bind(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        return self.bind
+
+
 def _service_urls() -> tuple[str, str]:
     database_url = os.environ.get("WHISTLE_TEST_DATABASE_URL")
     redis_url = os.environ.get("WHISTLE_TEST_REDIS_URL")
@@ -82,6 +92,8 @@ def app(service_urls: tuple[str, str]) -> Iterator[Flask]:
         upgrade()
         _db.engine.dispose()
     yield app
+    with app.app_context():
+        _db.engine.dispose()
 
 
 @pytest.fixture
@@ -108,7 +120,7 @@ def db(app: Flask, request: pytest.FixtureRequest) -> Iterator[object]:
         original = _db.session
         _db.session = _db._make_scoped_session(
             {
-                "class_": TenantSession,
+                "class_": RollbackSession,
                 "bind": connection,
                 "join_transaction_mode": "create_savepoint",
             }

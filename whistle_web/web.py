@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from flask import Flask, Response, g, render_template, request
+from flask import Flask, Response, flash, g, redirect, render_template, request
+from flask_wtf.csrf import CSRFError
 
 from whistle_web import tenancy
 
@@ -16,6 +17,7 @@ CONSOLE_CSP = (
 def init_app(app: Flask) -> None:
     app.teardown_request(_leave_organization)
     app.after_request(_security_headers)
+    app.register_error_handler(CSRFError, _csrf_failed)
     for code in (400, 403, 404, 405, 413, 429, 500):
         app.register_error_handler(code, _error_page)
 
@@ -41,6 +43,14 @@ def _security_headers(response: Response) -> Response:
     if request.is_secure:
         headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
     return response
+
+
+def _csrf_failed(error: CSRFError) -> Response | tuple[str, int]:
+    """An expired or missing form token: send the person back to the form, with a reason."""
+    if request.method == "POST" and not request.headers.get("HX-Request"):
+        flash("The form expired. Please submit it again.", "error")
+        return redirect(request.full_path.rstrip("?"), code=303)
+    return _error_page(error)
 
 
 def _error_page(error: Exception) -> tuple[str, int] | Response:
