@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -52,8 +53,12 @@ def worker_command(burst: bool, simple: bool) -> None:
     from rq import SimpleWorker, Worker
 
     from whistle_web import get_redis
+    from whistle_web.extensions import db
     from workers.queues import QUEUES
 
+    # A forked work horse must not reuse the parent's pooled database connections.
+    engine = db.engine
+    os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
     worker_class = SimpleWorker if simple else Worker
     worker = worker_class(list(QUEUES), connection=get_redis())
     worker.work(burst=burst)

@@ -22,7 +22,7 @@ from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from flask_sqlalchemy.session import Session as FlaskSession
-from sqlalchemy import ForeignKey, event, inspect
+from sqlalchemy import ForeignKey, bindparam, event, inspect
 from sqlalchemy.orm import (
     Mapped,
     ORMExecuteState,
@@ -137,19 +137,23 @@ def _scope_statement(state: ORMExecuteState) -> None:
         return
     if not _touches_tenant_tables(state):
         return
-    org_id = _current_organization.get()
-    if org_id is None:
+    if _current_organization.get() is None:
         raise TenantScopeError(
             "tenant-scoped query outside an organization scope; "
             "use organization_scope() or mark the statement with unscoped()"
         )
-    state.statement = state.statement.options(
-        with_loader_criteria(
-            TenantScoped,
-            lambda cls: cls.organization_id == org_id,
-            include_aliases=True,
-        )
-    )
+    state.statement = state.statement.options(_TENANT_CRITERIA)
+
+
+# Built once: the organization id is a bound parameter read when the statement executes, so
+# the criteria (and every statement's compiled form) stay cacheable across organizations.
+_ORGANIZATION_PARAM = bindparam("whistle_organization_id", callable_=require_organization_id)
+_TENANT_CRITERIA = with_loader_criteria(
+    TenantScoped,
+    lambda cls: cls.organization_id == _ORGANIZATION_PARAM,
+    include_aliases=True,
+    track_closure_variables=False,
+)
 
 
 class TenantSession(FlaskSession):
