@@ -24,6 +24,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def run(*, port: int = 5000) -> int:
+    # Explicit handlers: a shell may start us with SIGINT ignored (background jobs).
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     env = dict(os.environ)
     env.setdefault("WHISTLE_ENV", "development")
@@ -65,8 +67,14 @@ def run(*, port: int = 5000) -> int:
         try:
             return honcho.wait()
         except KeyboardInterrupt:
-            honcho.send_signal(signal.SIGINT)
-            return honcho.wait()
+            # honcho passes SIGTERM on to web, worker and scheduler and waits for them.
+            honcho.send_signal(signal.SIGTERM)
+            try:
+                honcho.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                honcho.kill()
+                honcho.wait()
+            return 0  # a requested stop is a clean exit
     except subprocess.CalledProcessError as error:
         print(f"Setup step failed: {' '.join(map(str, error.cmd))}", file=sys.stderr)
         return error.returncode or 1
