@@ -22,7 +22,6 @@ from whistle_web.models import (
     Provider,
     Recipient,
     SendRequest,
-    SendRequestKind,
     Template,
     TemplateVersion,
 )
@@ -81,35 +80,18 @@ def test_rate_limit_must_be_positive(org):
 
 
 @pytest.fixture
-def sent(org, make_recipient):
+def sent(org, make_recipient, make_template, make_send_request):
     """A recipient with one notification and a delivered email."""
     recipient = make_recipient(org, "erase-me", email="erase@example.com")
+    template = make_template(org, "digest")
     with organization_scope(org.id):
-        category = Category(key="news", name="News")
-        template = Template(key="digest", name="Digest")
-        db.session.add_all([category, template])
-        db.session.flush()
-        version = TemplateVersion(template_id=template.id, version=1, content={"email": {}})
-        db.session.add(version)
-        db.session.flush()
-        template.published_version_id = version.id
         campaign = Campaign(
-            name="C",
-            template_id=template.id,
-            channels=["email"],
-            audience_type=AudienceType.ALL,
+            name="C", template_id=template.id, channels=["email"], audience_type=AudienceType.ALL
         )
         db.session.add(campaign)
         db.session.flush()
-        request = SendRequest(
-            kind=SendRequestKind.CAMPAIGN,
-            campaign_id=campaign.id,
-            template_id=template.id,
-            template_version_id=version.id,
-            audience={"type": "all"},
-        )
-        db.session.add(request)
-        db.session.flush()
+    request = make_send_request(org, template=template, campaign=campaign)
+    with organization_scope(org.id):
         notification = Notification(
             send_request_id=request.id, campaign_id=campaign.id, recipient_id=recipient.id
         )
@@ -126,6 +108,7 @@ def sent(org, make_recipient):
             [delivery, Device(recipient_id=recipient.id, kind=DeviceKind.FCM, token="t")]
         )
         db.session.flush()
+        version = template.published_version
     return recipient, template, version, campaign, delivery
 
 

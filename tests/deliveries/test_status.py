@@ -13,33 +13,17 @@ from whistle_web.channels.kinds import Channel
 from whistle_web.deliveries.models import Delivery, DeliveryEvent, InvalidTransition
 from whistle_web.deliveries.status import DeliveryStatus, can_transition, predecessors
 from whistle_web.extensions import db
-from whistle_web.models import Notification, SendRequest, SendRequestKind, Template, TemplateVersion
+from whistle_web.models import Notification
 from whistle_web.tenancy import organization_scope
 
 S = DeliveryStatus
 
 
 @pytest.fixture
-def make_delivery(org, make_recipient):
+def make_delivery(org, make_recipient, make_send_request):
     recipient = make_recipient(org, "r1", email="r1@example.com")
-    with organization_scope(org.id):
-        template = Template(key="t", name="T")
-        db.session.add(template)
-        db.session.flush()
-        version = TemplateVersion(template_id=template.id, version=1, content={})
-        db.session.add(version)
-        db.session.flush()
-        request = SendRequest(
-            kind=SendRequestKind.TRIGGER,
-            template_id=template.id,
-            template_version_id=version.id,
-            audience={"type": "recipients", "ids": [recipient.id]},
-        )
-        db.session.add(request)
-        db.session.flush()
-        notification = Notification(send_request_id=request.id, recipient_id=recipient.id)
-        db.session.add(notification)
-        db.session.flush()
+    request = make_send_request(org, audience={"type": "recipients", "ids": [recipient.id]})
+    notification = None
     channels = itertools.cycle(Channel)
 
     def make(status: DeliveryStatus = S.QUEUED) -> Delivery:
