@@ -12,18 +12,17 @@ from tests.conftest import admin_conninfo, sqlalchemy_url
 from whistle_web import create_app
 from whistle_web.extensions import db
 
-SCRATCH = "whistle_test_migrations"
-
-
 @pytest.fixture
 def empty_database(service_urls):
     database_url, redis_url = service_urls
-    url = make_url(database_url).set(database=SCRATCH).render_as_string(False)
+    # Named after the test database so parallel runs on one server never share it.
+    scratch = f"{make_url(database_url).database}_migrations"
+    url = make_url(database_url).set(database=scratch).render_as_string(False)
     with psycopg.connect(admin_conninfo(database_url), autocommit=True) as conn:
         conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(SCRATCH))
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
         )
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(SCRATCH)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
     app = create_app(
         {
             "WHISTLE_ENV": "test",
@@ -36,7 +35,7 @@ def empty_database(service_urls):
         db.engine.dispose()
     with psycopg.connect(admin_conninfo(database_url), autocommit=True) as conn:
         conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(SCRATCH))
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
         )
 
 

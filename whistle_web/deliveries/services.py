@@ -23,6 +23,7 @@ FUNNEL_STEPS = {
     "failed": Delivery.status == DeliveryStatus.FAILED,
     "bounced": Delivery.status == DeliveryStatus.BOUNCED,
     "cancelled": Delivery.status == DeliveryStatus.CANCELLED,
+    "archived": Delivery.archived_at.is_not(None),
 }
 
 
