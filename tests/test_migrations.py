@@ -12,6 +12,7 @@ from tests.conftest import admin_conninfo, sqlalchemy_url
 from whistle_web import create_app
 from whistle_web.extensions import db
 
+
 @pytest.fixture
 def empty_database(service_urls):
     database_url, redis_url = service_urls
