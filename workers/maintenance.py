@@ -14,3 +14,10 @@ def record_scheduler_heartbeat() -> float:
     now = time.time()
     get_redis().set(SCHEDULER_HEARTBEAT_KEY, now, ex=600)
     return now
+
+
+def run_tick() -> dict[str, int]:
+    """Launch due campaigns and sends, release deferred deliveries, revive lost work."""
+    from whistle_web.deliveries.sweeper import tick
+
+    return tick()

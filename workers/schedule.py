@@ -10,7 +10,7 @@ from redis import Redis
 from rq_scheduler import Scheduler
 
 from workers import maintenance
-from workers.queues import LOW
+from workers.queues import HIGH, LOW
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class PeriodicJob:
 
 PERIODIC_JOBS: tuple[PeriodicJob, ...] = (
     PeriodicJob("whistle-heartbeat", maintenance.record_scheduler_heartbeat, 60, LOW),
+    PeriodicJob("whistle-tick", maintenance.run_tick, 10, HIGH),
 )
 
 
@@ -46,5 +47,15 @@ def register_periodic_jobs(
         )
 
 
+class WhistleScheduler(Scheduler):
+    """rq-scheduler that puts Whistle's periodic jobs back if Redis lost them (FLUSHALL)."""
+
+    def enqueue_jobs(self):  # type: ignore[no-untyped-def]
+        key = self.scheduled_jobs_key
+        if any(self.connection.zscore(key, job.id) is None for job in PERIODIC_JOBS):
+            register_periodic_jobs(self)
+        return super().enqueue_jobs()
+
+
 def make_scheduler(connection: Redis, interval: int = 5) -> Scheduler:
-    return Scheduler(queue_name=LOW, connection=connection, interval=interval)
+    return WhistleScheduler(queue_name=LOW, connection=connection, interval=interval)

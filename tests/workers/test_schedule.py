@@ -5,7 +5,7 @@ from __future__ import annotations
 from rq import Queue
 
 from workers.maintenance import SCHEDULER_HEARTBEAT_KEY
-from workers.queues import LOW, QUEUES
+from workers.queues import QUEUES
 from workers.schedule import PERIODIC_JOBS, make_scheduler, register_periodic_jobs
 
 
@@ -21,7 +21,8 @@ def test_due_jobs_reach_a_worker_and_run(redis, runner):
     scheduler = make_scheduler(redis)
     register_periodic_jobs(scheduler)
     scheduler.run(burst=True)  # enqueues what is due now
-    assert Queue(LOW, connection=redis).count == len(PERIODIC_JOBS)
+    queued = sum(Queue(name, connection=redis).count for name in QUEUES)
+    assert queued == len(PERIODIC_JOBS)
 
     result = runner.invoke(args=["whistle", "worker", "--burst", "--simple"])
     assert result.exit_code == 0, result.output
@@ -29,3 +30,11 @@ def test_due_jobs_reach_a_worker_and_run(redis, runner):
     assert all(Queue(name, connection=redis).count == 0 for name in QUEUES)
     # Periodic jobs stay registered for their next run.
     assert len(list(scheduler.get_jobs())) == len(PERIODIC_JOBS)
+
+
+def test_the_scheduler_puts_its_jobs_back_after_redis_lost_them(redis):
+    scheduler = make_scheduler(redis)
+    register_periodic_jobs(scheduler)
+    redis.flushdb()  # what FLUSHALL or a Redis restart without persistence does
+    scheduler.enqueue_jobs()
+    assert sorted(j.id for j in scheduler.get_jobs()) == sorted(j.id for j in PERIODIC_JOBS)

@@ -146,6 +146,8 @@ class DeliveryBatch(TenantScoped, db.Model):
     attempts: Mapped[int] = mapped_column(server_default="0")
     created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
     enqueued_at: Mapped[datetime | None]
+    # Set by the worker while it works through the batch; a stale one means it died.
+    heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 
 

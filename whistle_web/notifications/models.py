@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import datetime, time
 from typing import Any
 
 from sqlalchemy import ARRAY, ForeignKey, Identity, Index, String, Text, text
@@ -65,6 +65,8 @@ class SendRequest(TenantScoped, db.Model):
     channels: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     send_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    # Deliver at this wall-clock time in each recipient's own timezone (on or after send_at).
+    local_send_time: Mapped[time | None]
     # Keyset position of the planner: recipients with id <= cursor are planned.
     cursor_recipient_id: Mapped[int] = mapped_column(server_default="0")
     # Audience snapshot bound: recipients created after launch have larger ids.
@@ -74,6 +76,8 @@ class SendRequest(TenantScoped, db.Model):
     actor: Mapped[str | None] = mapped_column(String(320))
     created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
     planned_at: Mapped[datetime | None]
+    # Set by the planner as it works; a stale one while planning means it died.
+    heartbeat_at: Mapped[datetime | None]
     cancelled_at: Mapped[datetime | None]
 
 

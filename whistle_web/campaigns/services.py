@@ -1,0 +1,273 @@
+"""Campaigns: compose, launch, pause, resume, cancel, and run on a schedule."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+from sqlalchemy import func, select, update
+
+from whistle_web.audiences.models import Segment, Topic
+from whistle_web.campaigns.models import AudienceType, Campaign, CampaignStatus
+from whistle_web.deliveries.models import BatchStatus, Delivery, DeliveryBatch
+from whistle_web.errors import Actor, FieldError, InvalidState, NotFound, ValidationError
+from whistle_web.extensions import db
+from whistle_web.message_templates.models import Template, TemplateVersion
+from whistle_web.notifications.models import SendRequest, SendRequestKind, SendRequestStatus
+from whistle_web.notifications.services import cancel_queued_deliveries, check_channels
+from whistle_web.organizations.services import record_audit
+from whistle_web.recipients.models import Recipient
+from whistle_web.recipients.services import require_valid
+from whistle_web.tenancy import organization_scope, require_organization_id, unscoped
+
+
+def _get(campaign_id: int, *, lock: bool = False) -> Campaign:
+    stmt = select(Campaign).where(Campaign.id == campaign_id)
+    campaign = db.session.scalar(stmt.with_for_update() if lock else stmt)
+    if campaign is None:
+        raise NotFound("Campaign not found.")
+    return campaign
+
+
+def _move(campaign: Campaign, status: CampaignStatus) -> None:
+    if not campaign.can_become(status):
+        raise InvalidState(f"A {campaign.status} campaign cannot become {status}.")
+    campaign.status = status
+
+
+def create_campaign(
+    name: str,
+    *,
+    template_key: str,
+    channels: list[str],
+    audience_type: AudienceType | str,
+    segment_id: int | None = None,
+    topic_key: str | None = None,
+    external_ids: list[str] | None = None,
+    data: dict[str, Any] | None = None,
+    send_at: datetime | None = None,
+    local_send_time: time | None = None,
+    cron: str | None = None,
+    cron_timezone: str = "UTC",
+    actor: Actor,
+    created_by_id: int | None = None,
+) -> Campaign:
+    """Create a draft campaign. Commits.
+
+    Raises:
+        ValidationError: with the field that is wrong.
+    """
+    require_organization_id()
+    errors: list[FieldError] = []
+    if not name.strip():
+        errors.append(FieldError("name", "Give the campaign a name."))
+    template = db.session.scalar(select(Template).where(Template.key == template_key))
+    if template is None:
+        errors.append(FieldError("template", f"No template with key {template_key!r}."))
+    try:
+        audience = AudienceType(audience_type)
+    except ValueError:
+        errors.append(FieldError("audience", "Use segment, topic, list or all."))
+        audience = None
+    topic_id = None
+    if audience == AudienceType.SEGMENT and (
+        segment_id is None or db.session.get(Segment, segment_id) is None
+    ):
+        errors.append(FieldError("segment", "Choose an existing segment."))
+    if audience == AudienceType.TOPIC:
+        topic_id = db.session.scalar(select(Topic.id).where(Topic.key == (topic_key or "")))
+        if topic_id is None:
+            errors.append(FieldError("topic", "Choose an existing topic."))
+    if audience == AudienceType.LIST and not external_ids:
+        errors.append(FieldError("to", "Paste at least one external id."))
+    if cron and not croniter.is_valid(cron):
+        errors.append(FieldError("cron", "Not a cron expression, e.g. '0 9 * * MON'."))
+    try:
+        ZoneInfo(cron_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        errors.append(FieldError("cron_timezone", "Not an IANA time zone."))
+    if send_at is not None and send_at.tzinfo is None:
+        errors.append(FieldError("send_at", "Give a time zone (RFC 3339)."))
+    if not channels:
+        errors.append(FieldError("channels", "Choose at least one channel."))
+    require_valid(errors)
+    assert template is not None and audience is not None
+    campaign = Campaign(
+        name=name.strip(),
+        template_id=template.id,
+        channels=list(dict.fromkeys(channels)),
+        audience_type=audience,
+        segment_id=segment_id if audience == AudienceType.SEGMENT else None,
+        topic_id=topic_id,
+        audience_external_ids=list(dict.fromkeys(external_ids or [])),
+        data=data or {},
+        send_at=send_at,
+        local_send_time=local_send_time,
+        cron=cron or None,
+        cron_timezone=cron_timezone,
+        created_by_id=created_by_id,
+    )
+    db.session.add(campaign)
+    db.session.flush()
+    record_audit(actor, "campaign.created", "campaign", campaign.id, {"name": campaign.name})
+    db.session.commit()
+    return campaign
+
+
+def launch_campaign(campaign_id: int, *, actor: Actor, now: datetime | None = None) -> Campaign:
+    """Launch now, or schedule for ``send_at`` / the next cron time. Commits.
+
+    Raises:
+        NotFound, InvalidState, ValidationError (template unpublished or channels invalid).
+    """
+    now = now or datetime.now(UTC)
+    campaign = _get(campaign_id, lock=True)
+    if campaign.status not in (CampaignStatus.DRAFT, CampaignStatus.SCHEDULED):
+        raise InvalidState(f"A {campaign.status} campaign cannot be launched.")
+    template = db.session.get(Template, campaign.template_id)
+    if template.published_version_id is None:
+        raise ValidationError.single("template", "Publish the template before launching.")
+
+    check_channels(
+        campaign.channels, db.session.get(TemplateVersion, template.published_version_id)
+    )
+    campaign.template_version_id = template.published_version_id
+    if campaign.cron:
+        campaign.next_run_at = next_cron_run(campaign, now)
+        campaign.status = CampaignStatus.SCHEDULED
+    elif campaign.send_at is not None and campaign.send_at > now:
+        campaign.next_run_at = campaign.send_at
+        campaign.status = CampaignStatus.SCHEDULED
+    else:
+        _start_run(campaign, now)
+    record_audit(actor, "campaign.launched", "campaign", campaign.id, {"status": campaign.status})
+    db.session.commit()
+    _enqueue_open_work(campaign)
+    return campaign
+
+
+def next_cron_run(campaign: Campaign, after: datetime) -> datetime:
+    zone = ZoneInfo(campaign.cron_timezone or "UTC")
+    return croniter(campaign.cron, after.astimezone(zone)).get_next(datetime).astimezone(UTC)
+
+
+def _start_run(campaign: Campaign, now: datetime) -> SendRequest:
+    """Snapshot the audience (by recipient id) and write the run's send request."""
+    audience: dict[str, Any]
+    if campaign.audience_type == AudienceType.SEGMENT:
+        audience = {"type": "segment", "id": campaign.segment_id}
+    elif campaign.audience_type == AudienceType.TOPIC:
+        audience = {"type": "topic", "id": campaign.topic_id}
+    elif campaign.audience_type == AudienceType.LIST:
+        audience = {"type": "list", "external_ids": campaign.audience_external_ids}
+    else:
+        audience = {"type": "all"}
+    request = SendRequest(
+        kind=SendRequestKind.CAMPAIGN,
+        campaign_id=campaign.id,
+        template_id=campaign.template_id,
+        template_version_id=campaign.template_version_id,
+        audience=audience,
+        data=campaign.data,
+        channels=campaign.channels,
+        send_at=now,
+        local_send_time=campaign.local_send_time,
+        max_recipient_id=db.session.scalar(select(func.coalesce(func.max(Recipient.id), 0))),
+    )
+    db.session.add(request)
+    campaign.status = CampaignStatus.SENDING
+    campaign.launched_at = campaign.launched_at or now
+    db.session.flush()
+    return request
+
+
+def pause_campaign(campaign_id: int, *, actor: Actor) -> Campaign:
+    """Stop sending within one batch; nothing is lost. Commits."""
+    campaign = _get(campaign_id, lock=True)
+    _move(campaign, CampaignStatus.PAUSED)
+    record_audit(actor, "campaign.paused", "campaign", campaign.id)
+    db.session.commit()
+    return campaign
+
+
+def resume_campaign(campaign_id: int, *, actor: Actor) -> Campaign:
+    """Continue exactly where the pause stopped. Commits, then re-enqueues the open work."""
+    campaign = _get(campaign_id, lock=True)
+    _move(campaign, CampaignStatus.SENDING)
+    record_audit(actor, "campaign.resumed", "campaign", campaign.id)
+    db.session.commit()
+    _enqueue_open_work(campaign)
+    return campaign
+
+
+def cancel_campaign(campaign_id: int, *, actor: Actor) -> Campaign:
+    """Stop the campaign and mark everything not yet sent cancelled. Commits."""
+    campaign = _get(campaign_id, lock=True)
+    _move(campaign, CampaignStatus.CANCELLED)
+    campaign.cancelled_at = datetime.now(UTC)
+    campaign.next_run_at = None
+    db.session.execute(
+        update(SendRequest)
+        .where(
+            SendRequest.campaign_id == campaign.id,
+            SendRequest.status.in_([SendRequestStatus.PENDING, SendRequestStatus.PLANNING]),
+        )
+        .values(status=SendRequestStatus.CANCELLED, cancelled_at=campaign.cancelled_at)
+        .execution_options(synchronize_session=False)
+    )
+    cancelled = cancel_queued_deliveries(Delivery.campaign_id == campaign.id)
+    record_audit(actor, "campaign.cancelled", "campaign", campaign.id, {"cancelled": cancelled})
+    db.session.commit()
+    return campaign
+
+
+def _enqueue_open_work(campaign: Campaign) -> None:
+    """Enqueue planning and the batches not done yet (jobs are idempotent)."""
+    from workers.sending import enqueue_batches, enqueue_planning
+
+    requests = db.session.scalars(
+        select(SendRequest).where(
+            SendRequest.campaign_id == campaign.id,
+            SendRequest.status.in_([SendRequestStatus.PENDING, SendRequestStatus.PLANNING]),
+        )
+    ).all()
+    for request in requests:
+        enqueue_planning(request)
+    open_batches = db.session.scalars(
+        select(DeliveryBatch.id)
+        .join(SendRequest, SendRequest.id == DeliveryBatch.send_request_id)
+        .where(SendRequest.campaign_id == campaign.id, DeliveryBatch.status != BatchStatus.DONE)
+    ).all()
+    enqueue_batches(open_batches, campaign=True)
+
+
+def launch_due_campaigns(now: datetime | None = None, limit: int = 100) -> list[int]:
+    """Scheduler tick: start every scheduled campaign whose time has come (all organizations)."""
+    now = now or datetime.now(UTC)
+    due = db.session.execute(
+        unscoped(
+            select(Campaign.id, Campaign.organization_id)
+            .where(Campaign.status == CampaignStatus.SCHEDULED, Campaign.next_run_at <= now)
+            .order_by(Campaign.next_run_at)
+            .limit(limit)
+        )
+    ).all()
+    started = []
+    for campaign_id, org_id in due:
+        with organization_scope(org_id):
+            campaign = db.session.scalar(
+                select(Campaign)
+                .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.SCHEDULED)
+                .with_for_update(skip_locked=True)
+            )
+            if campaign is None or campaign.next_run_at is None or campaign.next_run_at > now:
+                db.session.rollback()
+                continue
+            _start_run(campaign, now)
+            campaign.next_run_at = next_cron_run(campaign, now) if campaign.cron else None
+            db.session.commit()
+            _enqueue_open_work(campaign)
+            started.append(campaign_id)
+    return started
