@@ -79,6 +79,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         # A base64 32-byte key for provider credentials; derived from SECRET_KEY when unset.
         "WHISTLE_ENCRYPTION_KEY": env.get("WHISTLE_ENCRYPTION_KEY", ""),
         "WHISTLE_KMS_KEY_ID": env.get("WHISTLE_KMS_KEY_ID", ""),
+        "WHISTLE_KMS_REGION": env.get("WHISTLE_KMS_REGION", "us-east-1"),
+        "WHISTLE_KMS_ENDPOINT_URL": env.get("WHISTLE_KMS_ENDPOINT_URL", ""),
+        # Older master keys (comma-separated base64) still accepted for decryption.
+        "WHISTLE_ENCRYPTION_KEYS_PREVIOUS": env.get("WHISTLE_ENCRYPTION_KEYS_PREVIOUS", ""),
+        # Let webhook providers reach private networks (only for self-hosted internal targets).
+        "WHISTLE_WEBHOOK_ALLOW_PRIVATE": _bool(env.get("WHISTLE_WEBHOOK_ALLOW_PRIVATE")),
         "WHISTLE_LOG_LEVEL": env.get("WHISTLE_LOG_LEVEL", "INFO").upper(),
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SAMESITE": "Lax",
