@@ -37,7 +37,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         crypto.keyring_from_config(
             app.config["SECRET_KEY"],
             app.config["WHISTLE_ENCRYPTION_KEY"],
-            app.config.get("WHISTLE_ENCRYPTION_KEYS_PREVIOUS", ""),
+            app.config["WHISTLE_ENCRYPTION_KEYS_PREVIOUS"],
+            kms_key_id=app.config["WHISTLE_KMS_KEY_ID"],
+            kms_region=app.config["WHISTLE_KMS_REGION"],
+            kms_endpoint_url=app.config["WHISTLE_KMS_ENDPOINT_URL"],
         )
     )
     security.configure_password_hasher(fast=app.config.get("WHISTLE_FAST_PASSWORD_HASH", False))
@@ -60,11 +63,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     sock.init_app(app)
     app.extensions["whistle.redis"] = Redis.from_url(app.config["REDIS_URL"])
 
-    from whistle_web import api, console, web
+    from whistle_web import api, console, tracking, web
 
     web.init_app(app)
     console.init_app(app)
     api.init_app(app)
+    tracking.init_app(app)
 
     from whistle_web.cli import whistle_cli
 

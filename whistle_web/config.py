@@ -83,6 +83,14 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "WHISTLE_KMS_ENDPOINT_URL": env.get("WHISTLE_KMS_ENDPOINT_URL", ""),
         # Older master keys (comma-separated base64) still accepted for decryption.
         "WHISTLE_ENCRYPTION_KEYS_PREVIOUS": env.get("WHISTLE_ENCRYPTION_KEYS_PREVIOUS", ""),
+        # Where SNS signing certificates and subscription confirmations may be fetched from.
+        "WHISTLE_SNS_CERT_URL_PATTERN": env.get(
+            "WHISTLE_SNS_CERT_URL_PATTERN", r"^https://sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/"
+        ),
+        "WHISTLE_SNS_SUBSCRIBE_URL_PATTERN": env.get(
+            "WHISTLE_SNS_SUBSCRIBE_URL_PATTERN",
+            r"^https://sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/",
+        ),
         # Let webhook providers reach private networks (only for self-hosted internal targets).
         "WHISTLE_WEBHOOK_ALLOW_PRIVATE": _bool(env.get("WHISTLE_WEBHOOK_ALLOW_PRIVATE")),
         "WHISTLE_LOG_LEVEL": env.get("WHISTLE_LOG_LEVEL", "INFO").upper(),

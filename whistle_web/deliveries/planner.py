@@ -362,7 +362,7 @@ def quiet_hours_end(moment: datetime, start: time, end: time, zone: ZoneInfo) ->
 
 
 def plan(
-    send_request_id: int, *, batch_size: int = BATCH_SIZE, max_batches: int | None = None
+    send_request_id: int, *, batch_size: int | None = None, max_batches: int | None = None
 ) -> list[int]:
     """Plan a send request from its cursor to the end (or a pause). Commits per batch.
 
@@ -386,7 +386,7 @@ def plan(
         if _campaign_halted(request):
             db.session.commit()
             return created
-        ids = next_batch_ids(request, planner.condition, batch_size)
+        ids = next_batch_ids(request, planner.condition, batch_size or BATCH_SIZE)
         if not ids:
             request.status = SendRequestStatus.PLANNED
             request.planned_at = datetime.now(UTC)

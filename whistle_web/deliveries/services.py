@@ -76,12 +76,20 @@ def _ledger_counts(scope: StatScope, where: list) -> list[Select]:  # type: igno
 def rebuild_stats(scope: StatScope, scope_id: int) -> int:
     """Recompute one scope's funnel counters from the ledger (backfill and repair).
 
+    Totals equal the live counters; the hourly split follows each delivery's creation hour,
+    where live counters use the hour each step happened.
+
     Returns:
         The number of counter rows written.
     """
     org_id = require_organization_id()
+    # Only the ledger-derived metrics are rebuilt; event counters (event:*) are kept.
     db.session.execute(
-        delete(DeliveryStat).where(DeliveryStat.scope == scope, DeliveryStat.scope_id == scope_id)
+        delete(DeliveryStat).where(
+            DeliveryStat.scope == scope,
+            DeliveryStat.scope_id == scope_id,
+            DeliveryStat.metric.in_(list(FUNNEL_STEPS)) | DeliveryStat.metric.like("suppressed:%"),
+        )
     )
     column = {
         StatScope.ORGANIZATION: Delivery.organization_id,
