@@ -45,6 +45,19 @@ def demo_command() -> None:
     click.echo(f"Demo organization {state}. Sign in as {DEMO_EMAIL} / {DEMO_PASSWORD}")
 
 
+@whistle_cli.command("rotate-keys")
+def rotate_keys_command() -> None:
+    """Re-encrypt stored secrets under the current key (after changing WHISTLE_ENCRYPTION_KEY
+    or WHISTLE_KMS_KEY_ID, with the old key in WHISTLE_ENCRYPTION_KEYS_PREVIOUS)."""
+    from whistle_web.organizations.keys import rotate_secrets
+
+    report = rotate_secrets()
+    click.echo(
+        f"Re-encrypted {report.providers} provider credentials and "
+        f"{report.widget_secrets} widget secrets; {report.unchanged} were already current."
+    )
+
+
 @whistle_cli.command("worker")
 @click.option("--burst", is_flag=True, help="Exit when the queues are empty.")
 @click.option("--simple", is_flag=True, help="Run jobs in the worker process (no fork).")

@@ -83,6 +83,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "WHISTLE_KMS_ENDPOINT_URL": env.get("WHISTLE_KMS_ENDPOINT_URL", ""),
         # Older master keys (comma-separated base64) still accepted for decryption.
         "WHISTLE_ENCRYPTION_KEYS_PREVIOUS": env.get("WHISTLE_ENCRYPTION_KEYS_PREVIOUS", ""),
+        # Silence after which the sweeper treats a batch's worker as dead.
+        "WHISTLE_SWEEP_STALE_SECONDS": float(env.get("WHISTLE_SWEEP_STALE_SECONDS", "120")),
+        # Age before the sweeper looks at new work (its creator enqueues it first).
+        "WHISTLE_SWEEP_GRACE_SECONDS": float(env.get("WHISTLE_SWEEP_GRACE_SECONDS", "30")),
+        "WHISTLE_EVENT_RETENTION_DAYS": int(env.get("WHISTLE_EVENT_RETENTION_DAYS", "400")),
         # Where SNS signing certificates and subscription confirmations may be fetched from.
         "WHISTLE_SNS_CERT_URL_PATTERN": env.get(
             "WHISTLE_SNS_CERT_URL_PATTERN", r"^https://sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/"

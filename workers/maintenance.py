@@ -21,3 +21,17 @@ def run_tick() -> dict[str, int]:
     from whistle_web.deliveries.sweeper import tick
 
     return tick()
+
+
+def run_retention() -> dict[str, int]:
+    """Delete old delivery events and finished batches; free expired idempotency keys."""
+    from flask import current_app
+
+    from whistle_web.deliveries.retention import apply_retention
+
+    report = apply_retention(event_days=current_app.config["WHISTLE_EVENT_RETENTION_DAYS"])
+    return {
+        "events": report.events,
+        "batches": report.batches,
+        "idempotency_keys": report.idempotency_keys,
+    }

@@ -24,6 +24,7 @@ class PeriodicJob:
 PERIODIC_JOBS: tuple[PeriodicJob, ...] = (
     PeriodicJob("whistle-heartbeat", maintenance.record_scheduler_heartbeat, 60, LOW),
     PeriodicJob("whistle-tick", maintenance.run_tick, 10, HIGH),
+    PeriodicJob("whistle-retention", maintenance.run_retention, 3600, LOW),
 )
 
 

@@ -16,9 +16,11 @@ import logging
 import smtplib
 import ssl
 from collections.abc import Sequence
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.header import Header
+from email.message import Message as MimeMessage
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import formataddr, formatdate, make_msgid
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -229,7 +231,7 @@ class SmtpProvider(BaseProvider):
         return results
 
     def _send_one(
-        self, smtp: smtplib.SMTP, mime: EmailMessage, message: Message, message_id: str
+        self, smtp: smtplib.SMTP, mime: MimeMessage, message: Message, message_id: str
     ) -> tuple[SendResult, str | None]:
         """The result, and why the connection is gone ("dropped", "timeout") if it is."""
         delivery_id = message.delivery_id
@@ -257,34 +259,50 @@ class SmtpProvider(BaseProvider):
             return SendResult.failed(delivery_id, f"smtp error: {exc}", transient=True), "error"
         return SendResult.sent(delivery_id, message_id), None
 
-    def _build(self, message: Message) -> tuple[EmailMessage, str]:
+    def _build(self, message: Message) -> tuple[MimeMessage, str]:
+        """The MIME message and its Message-ID.
+
+        Built with the compat32 MIME classes: several times faster than ``EmailMessage``
+        with the default policy, which matters at a thousand messages a second.
+
+        Raises:
+            ValueError: a header value would break the header block (CR or LF in it).
+        """
         content = message.content
-        mime = EmailMessage()
-        mime["Subject"] = one_line(content.get("subject"))
+        text, html = content.get("text"), content.get("html")
+        mime: MimeMessage
+        if html and text:
+            mime = MIMEMultipart("alternative")
+            mime.attach(MIMEText(str(text), "plain", "utf-8"))
+            mime.attach(MIMEText(str(html), "html", "utf-8"))
+        elif html:
+            mime = MIMEText(str(html), "html", "utf-8")
+        else:
+            mime = MIMEText(str(text or ""), "plain", "utf-8")
+        subject = one_line(content.get("subject"))
+        mime["Subject"] = Header(subject, "utf-8") if not subject.isascii() else subject
         from_name = str(self.settings.get("from_name") or "").strip()
-        local, _, domain = self.from_email.rpartition("@")
-        mime["From"] = Address(display_name=from_name, username=local, domain=domain)
-        mime["To"] = message.to
+        domain = self.from_email.rpartition("@")[2]
+        mime["From"] = formataddr((_single_line(from_name, "From"), self.from_email), "utf-8")
+        mime["To"] = _single_line(message.to, "To")
         mime["Date"] = formatdate(usegmt=True)
         headers = {name: value for name, value in message.headers.items() if value is not None}
         given = next((v for k, v in headers.items() if k.lower() == "message-id"), "")
         message_id = str(given).strip().strip("<>") or make_msgid(domain=domain).strip("<>")
-        mime["Message-ID"] = f"<{message_id}>"
+        mime["Message-ID"] = f"<{_single_line(message_id, 'Message-ID')}>"
         for name, value in headers.items():
             lowered = name.lower()
             if lowered in _RESERVED_HEADERS or lowered.startswith("content-"):
                 continue
             del mime[name]
-            mime[name] = str(value)
-        text, html = content.get("text"), content.get("html")
-        if html and text:
-            mime.set_content(str(text))
-            mime.add_alternative(str(html), subtype="html")
-        elif html:
-            mime.set_content(str(html), subtype="html")
-        else:
-            mime.set_content(str(text or ""))
+            mime[_single_line(name, "header name")] = _single_line(str(value), name)
         return mime, message_id
+
+
+def _single_line(value: str, what: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"{what} contains a line break")
+    return value
 
 
 def one_line(value: Any) -> str:

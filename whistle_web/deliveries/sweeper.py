@@ -27,8 +27,26 @@ from whistle_web.tenancy import organization_scope, unscoped
 
 log = logging.getLogger(__name__)
 
-# A worker refreshes its batch's heartbeat after every chunk; this much silence means it died.
+# A worker refreshes its batch's heartbeat after every chunk; this much silence means it died
+# (WHISTLE_SWEEP_STALE_SECONDS overrides it).
 STALE_AFTER = timedelta(seconds=120)
+
+
+def _stale_after() -> timedelta:
+    return _seconds("WHISTLE_SWEEP_STALE_SECONDS", STALE_AFTER)
+
+
+def _grace() -> timedelta:
+    return _seconds("WHISTLE_SWEEP_GRACE_SECONDS", GRACE)
+
+
+def _seconds(key: str, default: timedelta) -> timedelta:
+    from flask import current_app
+
+    seconds = current_app.config.get(key)
+    return timedelta(seconds=float(seconds)) if seconds else default
+
+
 # Work this young may simply not have been enqueued yet by the process that created it.
 GRACE = timedelta(seconds=30)
 # A send whose time was "now" when it was created was enqueued by its creator.
@@ -55,7 +73,7 @@ def start_due_send_requests(now: datetime) -> int:
                 SendRequest.send_at <= now,
                 or_(
                     SendRequest.heartbeat_at.is_(None),
-                    SendRequest.heartbeat_at <= now - STALE_AFTER,
+                    SendRequest.heartbeat_at <= now - _stale_after(),
                 ),
             )
             .order_by(SendRequest.send_at)
@@ -65,7 +83,7 @@ def start_due_send_requests(now: datetime) -> int:
     started = 0
     for request in rows:
         # An immediate send created moments ago was enqueued by its creator: leave it alone.
-        young = request.created_at > now - GRACE
+        young = request.created_at > now - _grace()
         immediate = request.send_at <= request.created_at + IMMEDIATE
         if young and immediate and request.heartbeat_at is None:
             continue
@@ -143,10 +161,10 @@ def sweep_batches(now: datetime) -> int:
             select(DeliveryBatch)
             .where(
                 DeliveryBatch.status != BatchStatus.DONE,
-                DeliveryBatch.created_at <= now - GRACE,
+                DeliveryBatch.created_at <= now - _grace(),
                 or_(
                     DeliveryBatch.heartbeat_at.is_(None),
-                    DeliveryBatch.heartbeat_at <= now - STALE_AFTER,
+                    DeliveryBatch.heartbeat_at <= now - _stale_after(),
                 ),
             )
             .order_by(DeliveryBatch.id)
