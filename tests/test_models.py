@@ -157,3 +157,20 @@ def test_publishing_points_the_template_at_its_version(org, sent):
     db.session.expire_all()
     with organization_scope(org.id):
         assert db.session.get(Template, template.id).published_version.id == version.id
+
+
+@pytest.mark.parametrize("rate", ["NaN", "Infinity"])
+def test_rate_limit_must_be_finite(org, rate):
+    with organization_scope(org.id):
+        provider = Provider(
+            channel=Channel.SMS, kind=ProviderKind.TWILIO, name="t", credentials_encrypted=b"x"
+        )
+        db.session.add(provider)
+        db.session.flush()
+        with pytest.raises(IntegrityError, match="rate_limit_positive"), db.session.begin_nested():
+            db.session.execute(
+                text(
+                    "UPDATE providers SET rate_limit_per_second = CAST(:r AS float) WHERE id = :id"
+                ),
+                {"r": rate, "id": provider.id},
+            )

@@ -100,13 +100,34 @@ def _init_sentry(app: Flask) -> None:
     from sentry_sdk.integrations.flask import FlaskIntegration
     from sentry_sdk.integrations.rq import RqIntegration
 
+    secrets = [app.config["SECRET_KEY"]]
+
+    def scrub(event: Any, hint: Any) -> Any:
+        """Redact credentials anywhere in an event (messages, locals, breadcrumbs)."""
+        return _scrub(event, secrets)
+
     sentry_sdk.init(
         dsn=dsn,
         environment=app.config["WHISTLE_ENV"],
         integrations=[FlaskIntegration(), RqIntegration()],
-        send_default_pii=False,
         traces_sample_rate=float(app.config.get("SENTRY_TRACES_SAMPLE_RATE", 0.0)),
+        before_send=scrub,
+        before_breadcrumb=scrub,
     )
+
+
+def _scrub(value: Any, secrets: list[str]) -> Any:
+    from whistle_web.logs import redact
+
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "[Filtered]")
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, secrets) for v in value]
+    return value
 
 
 def get_redis(app: Flask | None = None) -> Redis:

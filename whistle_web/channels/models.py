@@ -21,8 +21,11 @@ class Provider(TenantScoped, TimestampMixin, db.Model):
         UniqueConstraint("organization_id", "name"),
         # Failover walks a channel's enabled providers by priority.
         Index("ix_providers_org_channel_priority", "organization_id", "channel", "priority"),
+        # 'Infinity' (and NaN, which PostgreSQL sorts above it) would break the token bucket.
         CheckConstraint(
-            "rate_limit_per_second IS NULL OR rate_limit_per_second > 0", name="rate_limit_positive"
+            "rate_limit_per_second IS NULL"
+            " OR (rate_limit_per_second > 0 AND rate_limit_per_second < 'Infinity')",
+            name="rate_limit_positive",
         ),
     )
 

@@ -7,6 +7,7 @@ tenth of a second's worth) keeps the measured rate within a few percent of the l
 
 from __future__ import annotations
 
+import math
 import time
 
 from redis import Redis
@@ -35,8 +36,8 @@ return {granted, wait}
 
 class TokenBucket:
     def __init__(self, redis: Redis, key: str, rate: float, burst: float | None = None) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
+        if not math.isfinite(rate) or rate <= 0:
+            raise ValueError("rate must be positive and finite")
         self.redis = redis
         self.key = f"whistle:ratelimit:{key}"
         self.rate = float(rate)
