@@ -14,7 +14,7 @@ help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
 	@echo "  (make test PYTEST_ARGS='-x -k name' passes flags to pytest)"
 
-install: $(VENV)/.installed static/vendor/htmx.min.js ## Create .venv, install Python + npm deps, copy assets
+install: $(VENV)/.installed static/vendor/.copied ## Create .venv, install Python + npm deps, copy assets
 
 # Stamp files keep `make install` (and so `make test`) a no-op until a manifest changes.
 $(BIN)/python:
@@ -30,8 +30,9 @@ node_modules/.installed: package.json $(wildcard package-lock.json)
 	if [[ -f package-lock.json ]]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
 	touch $@
 
-static/vendor/htmx.min.js: node_modules/.installed scripts/copy_assets.mjs
+static/vendor/.copied: node_modules/.installed scripts/copy_assets.mjs
 	node scripts/copy_assets.mjs
+	touch $@
 
 run: install ## Run the whole product locally (embedded services, demo data, honcho)
 	$(BIN)/whistle dev

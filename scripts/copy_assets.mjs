@@ -7,6 +7,8 @@ import { fileURLToPath } from "node:url";
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const assets = {
   "node_modules/htmx.org/dist/htmx.min.js": "static/vendor/htmx.min.js",
+  "node_modules/swagger-ui-dist/swagger-ui-bundle.js": "static/vendor/swagger-ui/swagger-ui-bundle.js",
+  "node_modules/swagger-ui-dist/swagger-ui.css": "static/vendor/swagger-ui/swagger-ui.css",
 };
 
 for (const [from, to] of Object.entries(assets)) {

@@ -83,6 +83,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "WHISTLE_KMS_ENDPOINT_URL": env.get("WHISTLE_KMS_ENDPOINT_URL", ""),
         # Older master keys (comma-separated base64) still accepted for decryption.
         "WHISTLE_ENCRYPTION_KEYS_PREVIOUS": env.get("WHISTLE_ENCRYPTION_KEYS_PREVIOUS", ""),
+        "WHISTLE_API_RATE_LIMIT": env.get("WHISTLE_API_RATE_LIMIT", "1200 per minute"),
+        # Request bodies larger than this are refused with 413.
+        "MAX_CONTENT_LENGTH": int(env.get("WHISTLE_MAX_BODY_BYTES", str(2 * 1024 * 1024))),
         # Silence after which the sweeper treats a batch's worker as dead.
         "WHISTLE_SWEEP_STALE_SECONDS": float(env.get("WHISTLE_SWEEP_STALE_SECONDS", "120")),
         # Age before the sweeper looks at new work (its creator enqueues it first).

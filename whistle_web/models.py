@@ -1,6 +1,7 @@
 """Import every domain's models so SQLAlchemy and Alembic see the whole schema."""
 
 from whistle_web.accounts.models import ApiKey, Membership, Role, User
+from whistle_web.api.models import IdempotencyRecord, RefreshToken
 from whistle_web.audiences.models import Segment, Subscription, Topic
 from whistle_web.campaigns.models import AudienceType, Campaign, CampaignStatus
 from whistle_web.channels.models import Provider
@@ -37,12 +38,14 @@ __all__ = [
     "DeliveryStat",
     "Device",
     "DeviceKind",
+    "IdempotencyRecord",
     "Membership",
     "Notification",
     "Organization",
     "Preference",
     "Provider",
     "Recipient",
+    "RefreshToken",
     "Role",
     "Segment",
     "SendRequest",

@@ -53,10 +53,26 @@ def _csrf_failed(error: CSRFError) -> Response | tuple[str, int]:
     return _error_page(error)
 
 
+def _retry_after() -> int:
+    """Seconds until the breached API rate limit lets a request through again."""
+    import math
+    import time
+
+    from whistle_web.api import limiter
+
+    current = limiter.current_limit
+    if current is None:
+        return 1
+    return max(1, math.ceil(current.reset_at - time.time()))
+
+
 def _error_page(error: Exception) -> tuple[str, int] | Response:
     code = getattr(error, "code", 500) or 500
     if request.path.startswith("/api/"):
         from whistle_web.api.problems import problem
 
-        return problem(code, getattr(error, "description", None))
+        response = problem(code, getattr(error, "description", None))
+        if code == 429:
+            response.headers["Retry-After"] = str(_retry_after())
+        return response
     return render_template("errors/error.html", code=code, error=error), code

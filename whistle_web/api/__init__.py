@@ -1,8 +1,12 @@
-"""The JSON API for integrations, under /api/v1."""
+"""The JSON API for integrations, under /api/v1, documented at /api/schema/."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, jsonify
+import hashlib
+
+from flask import Blueprint, Flask, current_app, jsonify, request
+from flask_limiter import HeaderNames, Limiter
+from flask_limiter.util import get_remote_address
 from sqlalchemy import text
 
 from whistle_web.extensions import csrf, db
@@ -10,7 +14,34 @@ from whistle_web.extensions import csrf, db
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
+def rate_limit_key() -> str:
+    """One budget per credential (API key prefix, or a hash of the token), else per address."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and token:
+        if token.startswith("whk_"):
+            return f"key:{token[:14]}"
+        return "token:" + hashlib.sha256(token.encode()).hexdigest()[:24]
+    return f"ip:{get_remote_address()}"
+
+
+limiter = Limiter(
+    key_func=rate_limit_key,
+    headers_enabled=True,
+    # The IETF draft's names: RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset.
+    header_name_mapping={
+        HeaderNames.LIMIT: "RateLimit-Limit",
+        HeaderNames.REMAINING: "RateLimit-Remaining",
+        HeaderNames.RESET: "RateLimit-Reset",
+        HeaderNames.RETRY_AFTER: "Retry-After",
+    },
+    strategy="moving-window",
+    key_prefix="whistle:ratelimit:api",
+)
+
+
 @bp.get("/health")
+@limiter.exempt
 def health():  # type: ignore[no-untyped-def]
     """Report whether PostgreSQL and Redis answer; used by load balancers and benchmarks."""
     from whistle_web import get_redis
@@ -31,5 +62,13 @@ def health():  # type: ignore[no-untyped-def]
 
 
 def init_app(app: Flask) -> None:
+    from whistle_web.api import resources  # noqa: F401  (registers every endpoint on bp)
+    from whistle_web.api.openapi import schema_bp
+
+    app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"])
+    app.config.setdefault("RATELIMIT_ENABLED", True)
+    limiter.init_app(app)
+    limiter.limit(lambda: current_app.config["WHISTLE_API_RATE_LIMIT"])(bp)
     csrf.exempt(bp)  # bearer-token API: no cookies, no CSRF
     app.register_blueprint(bp)
+    app.register_blueprint(schema_bp)

@@ -1,0 +1,283 @@
+"""How an API endpoint is declared: one decorator gives auth, scopes, tenancy, validation,
+idempotency, serialisation and its OpenAPI entry.
+
+    @endpoint(bp, "POST", "/topics", scope="audiences:write", body=TopicIn,
+              response=TopicOut, status=201, summary="Create a topic", tags=["Topics"])
+    def create_topic(body: TopicIn) -> TopicOut: ...
+
+The view receives the validated ``body`` (and ``query``) models and path arguments, runs
+inside the caller's organization scope, and returns a pydantic model (or a list, or None
+for 204). Domain errors become problem+json (see :mod:`whistle_web.api.problems`).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from flask import Blueprint, Response, g, request
+from pydantic import BaseModel, ConfigDict
+from pydantic import ValidationError as PydanticValidationError
+
+from whistle_web.api.problems import problem
+from whistle_web.errors import DomainError
+
+M = TypeVar("M", bound=BaseModel)
+MAX_LIMIT = 200
+
+
+class Schema(BaseModel):
+    """Base for request bodies: unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class Out(BaseModel):
+    """Base for responses."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+@dataclass
+class Operation:
+    method: str
+    path: str
+    summary: str
+    tags: list[str]
+    scope: str | None
+    body: type[BaseModel] | None
+    query: type[BaseModel] | None
+    response: Any
+    status: int
+    idempotent: bool
+    auth: str  # "key" (API key or staff token), "none", "recipient"
+    description: str = ""
+    errors: list[int] = field(default_factory=list)
+
+
+OPERATIONS: list[Operation] = []
+
+
+def endpoint(
+    bp: Blueprint,
+    method: str,
+    path: str,
+    *,
+    summary: str,
+    tags: list[str],
+    scope: str | None = None,
+    body: type[BaseModel] | None = None,
+    query: type[BaseModel] | None = None,
+    response: Any = None,
+    status: int = 200,
+    idempotent: bool = False,
+    auth: str = "key",
+    errors: list[int] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register an API view (see the module docstring)."""
+
+    def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
+        operation = Operation(
+            method=method.upper(),
+            path=path,
+            summary=summary,
+            tags=tags,
+            scope=scope,
+            body=body,
+            query=query,
+            response=response,
+            status=status,
+            idempotent=idempotent,
+            auth=auth,
+            description=(view.__doc__ or "").strip(),
+            errors=errors or [],
+        )
+        OPERATIONS.append(operation)
+
+        @functools.wraps(view)
+        def wrapper(**path_args: Any) -> Response:
+            from whistle_web.api import auth as api_auth
+            from whistle_web.api import idempotency
+
+            try:
+                if operation.auth == "key":
+                    api_auth.authenticate(operation.scope)
+                elif operation.auth == "recipient":
+                    api_auth.authenticate_recipient()
+                kwargs = dict(path_args)
+                raw_body: bytes = b""
+                if operation.body is not None:
+                    raw_body = request.get_data(cache=True)
+                    kwargs["body"] = parse_body(operation.body, raw_body)
+                if operation.query is not None:
+                    kwargs["query"] = parse_query(operation.query)
+                if operation.idempotent and request.headers.get("Idempotency-Key"):
+                    return idempotency.run(
+                        request.headers["Idempotency-Key"],
+                        raw_body,
+                        lambda: _respond(operation, view(**kwargs)),
+                    )
+                return _respond(operation, view(**kwargs))
+            except DomainError as error:
+                return problem(
+                    error.status,
+                    error.detail,
+                    **(
+                        {"errors": [e.__dict__ for e in error.errors]}
+                        if hasattr(error, "errors")
+                        else {}
+                    ),
+                )
+
+        bp.add_url_rule(
+            _flask_rule(path), endpoint=view.__name__, view_func=wrapper, methods=[operation.method]
+        )
+        return wrapper
+
+    return decorate
+
+
+def _flask_rule(path: str) -> str:
+    """``/recipients/{external_id}`` -> ``/recipients/<path:external_id>`` etc."""
+    out = []
+    for part in path.split("/"):
+        if part.startswith("{") and part.endswith("}"):
+            name = part[1:-1]
+            converter = "int:" if is_integer_param(name) else ""
+            out.append(f"<{converter}{name}>")
+        else:
+            out.append(part)
+    return "/".join(out)
+
+
+def is_integer_param(name: str) -> bool:
+    """Path parameters named ``id`` or ``*_id`` are integers; ``external_id`` and keys are text."""
+    return name == "id" or (name.endswith("_id") and name != "external_id")
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    if not raw:
+        raise BodyError("A JSON body is required.")
+    if request.mimetype != "application/json":
+        raise BodyError("Send the body as application/json.", status=415)
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BodyError(f"The body is not valid JSON: {error}") from None
+    try:
+        return model.model_validate(data)
+    except PydanticValidationError as error:
+        raise ApiValidationError(error) from None
+
+
+def parse_query(model: type[M]) -> M:
+    data = {key: request.args.getlist(key) for key in request.args}
+    flat = {k: v if len(v) > 1 else v[0] for k, v in data.items()}
+    try:
+        return model.model_validate(flat)
+    except PydanticValidationError as error:
+        raise ApiValidationError(error) from None
+
+
+class BodyError(DomainError):
+    status = 400
+    title = "Bad request"
+
+    def __init__(self, detail: str, *, status: int = 400) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class ApiValidationError(DomainError):
+    """A pydantic error, reported with JSON paths like ``to[3].email``."""
+
+    status = 422
+
+    def __init__(self, error: PydanticValidationError) -> None:
+        self.errors = [_FieldError(field_path(item["loc"]), item["msg"]) for item in error.errors()]
+        super().__init__("; ".join(f"{e.field}: {e.message}" for e in self.errors))
+
+
+@dataclass(frozen=True)
+class _FieldError:
+    field: str
+    message: str
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "body"
+
+
+def _respond(operation: Operation, result: Any) -> Response:
+    if result is None:
+        return Response(status=204)
+    if isinstance(result, Response):
+        return result
+    payload = _dump(result)
+    return Response(
+        json.dumps(payload, separators=(",", ":"), default=str),
+        status=operation.status,
+        mimetype="application/json",
+    )
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _dump(v) for k, v in value.items()}
+    return value
+
+
+# --- cursor pagination ------------------------------------------------------------------
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps([last_id]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    """The id the next page starts after (pages run newest first, by id)."""
+    if not cursor:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        (last_id,) = json.loads(base64.urlsafe_b64decode(padded))
+        if isinstance(last_id, int) and last_id > 0:
+            return last_id
+    except (ValueError, TypeError):
+        pass
+    from whistle_web.errors import ValidationError
+
+    raise ValidationError.single("cursor", "Not a cursor returned by this API.")
+
+
+def page(
+    stmt: Any, id_column: Any, *, limit: int, cursor: str | None
+) -> tuple[list[Any], str | None]:
+    """Keyset pagination newest first: stable when rows are added between pages."""
+    from whistle_web.extensions import db
+
+    after = decode_cursor(cursor)
+    if after is not None:
+        stmt = stmt.where(id_column < after)
+    rows = list(db.session.scalars(stmt.order_by(id_column.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1].id) if more and rows else None
+
+
+def current_actor() -> Any:
+    return g.api_actor

@@ -1,0 +1,83 @@
+"""``Idempotency-Key`` on POSTs that create or send.
+
+The first request with a key runs and its response is stored; the same key with the same
+method, path and body within 24 hours gets that response again (``Idempotent-Replayed:
+true``); the same key with a different request, or while the first is still running, is a
+409. Server errors are not stored, so a retry after one runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from flask import Response, request
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.postgresql import insert
+
+from whistle_web.api.models import IdempotencyRecord
+from whistle_web.errors import Conflict, ValidationError
+from whistle_web.extensions import db
+from whistle_web.tenancy import require_organization_id
+
+WINDOW = timedelta(hours=24)
+MAX_KEY_LENGTH = 255
+
+
+def run(key: str, body: bytes, produce: Callable[[], Response]) -> Response:
+    key = key.strip()
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise ValidationError.single("Idempotency-Key", f"Use 1 to {MAX_KEY_LENGTH} characters.")
+    org_id = require_organization_id()
+    digest = hashlib.sha256(
+        request.method.encode() + b" " + request.path.encode() + b"\n" + body
+    ).hexdigest()
+    now = datetime.now(UTC)
+    # An expired record frees its key.
+    db.session.execute(
+        delete(IdempotencyRecord).where(
+            IdempotencyRecord.key == key, IdempotencyRecord.created_at < now - WINDOW
+        )
+    )
+    claimed = db.session.execute(
+        insert(IdempotencyRecord)
+        .values(organization_id=org_id, key=key, request_hash=digest)
+        .on_conflict_do_nothing(constraint="uq_api_idempotency_records_organization_id_key")
+        .returning(IdempotencyRecord.id)
+    ).scalar()
+    db.session.commit()
+    if claimed is None:
+        record = db.session.scalar(select(IdempotencyRecord).where(IdempotencyRecord.key == key))
+        if record is None or record.request_hash != digest:
+            raise Conflict("This Idempotency-Key was used with a different request.")
+        if record.status_code is None:
+            raise Conflict("A request with this Idempotency-Key is still in progress.")
+        replay = Response(
+            record.response_body, status=record.status_code, mimetype="application/json"
+        )
+        for name, value in (record.response_headers or {}).items():
+            replay.headers[name] = value
+        replay.headers["Idempotent-Replayed"] = "true"
+        return replay
+    try:
+        response = produce()
+    except Exception:
+        _forget(claimed)
+        raise
+    if response.status_code >= 500:
+        _forget(claimed)
+        return response
+    record = db.session.get(IdempotencyRecord, claimed)
+    record.status_code = response.status_code
+    record.response_body = response.get_data()
+    if response.mimetype != "application/json":
+        record.response_headers = {"Content-Type": response.content_type}
+    db.session.commit()
+    return response
+
+
+def _forget(record_id: int) -> None:
+    db.session.rollback()
+    db.session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.id == record_id))
+    db.session.commit()
