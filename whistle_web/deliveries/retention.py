@@ -3,7 +3,8 @@
 Delivery events older than ``WHISTLE_EVENT_RETENTION_DAYS`` (default 400) are deleted; the
 deliveries themselves and the funnel counters stay, so funnels and a recipient's story keep
 their numbers and final states. Finished batches older than 30 days are deleted (they only
-matter while work is in flight). Idempotency keys older than the 24-hour window are freed.
+matter while work is in flight). Idempotency keys older than the 24-hour window are freed,
+and expired staff refresh tokens are deleted.
 """
 
 from __future__ import annotations
@@ -50,12 +51,23 @@ def apply_retention(*, event_days: int, now: datetime | None = None) -> Retentio
         " LIMIT :chunk)",
         cutoff=now - BATCH_RETENTION,
     )
+    day_ago = now - timedelta(hours=24)
     keys = db.session.execute(
         text(
             "UPDATE send_requests SET idempotency_key = NULL"
             " WHERE idempotency_key IS NOT NULL AND created_at < :cutoff"
         ),
-        {"cutoff": now - timedelta(hours=24)},
+        {"cutoff": day_ago},
     ).rowcount
+    keys += _delete_in_chunks(
+        "DELETE FROM api_idempotency_records WHERE id IN ("
+        " SELECT id FROM api_idempotency_records WHERE created_at < :cutoff LIMIT :chunk)",
+        cutoff=day_ago,
+    )
+    _delete_in_chunks(
+        "DELETE FROM api_refresh_tokens WHERE id IN ("
+        " SELECT id FROM api_refresh_tokens WHERE expires_at < :cutoff LIMIT :chunk)",
+        cutoff=now,
+    )
     db.session.commit()
     return RetentionReport(events=events, batches=batches, idempotency_keys=keys or 0)
