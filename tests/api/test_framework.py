@@ -171,3 +171,12 @@ def test_api_key_secret_never_appears_in_responses(org, api):
 @pytest.mark.parametrize("path", ["/recipients/x"])
 def test_methods_not_allowed_are_problem_json(api, path):
     assert_problem(api.post(path, json={}), 405)
+
+
+def test_out_of_range_ids_and_nul_characters_are_not_500s(api):
+    assert_problem(api.get("/recipients/a%00b"), 404)
+    assert_problem(api.put("/recipients/u1", json={"name": "a\x00b"}), 422, "name")
+    assert_problem(
+        api.put("/recipients/u1", data='{"attributes": {"x": NaN}}', content_type="application/json"),
+        400,
+    )

@@ -104,6 +104,7 @@ def endpoint(
             from whistle_web.api import idempotency
 
             try:
+                _check_path_args(path_args)
                 if operation.auth == "key":
                     api_auth.authenticate(operation.scope)
                 elif operation.auth == "recipient":
@@ -154,6 +155,44 @@ def _flask_rule(path: str) -> str:
     return "/".join(out)
 
 
+MAX_ID = 2**63 - 1
+
+
+def _check_path_args(path_args: dict[str, Any]) -> None:
+    """Ids beyond BIGINT and text with NUL characters can name nothing: 404, not a 500."""
+    from whistle_web.errors import NotFound
+
+    for value in path_args.values():
+        if (isinstance(value, int) and not 0 < value <= MAX_ID) or (
+            isinstance(value, str) and "\x00" in value
+        ):
+            raise NotFound("Not found.")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _nul_path(value: Any, path: str = "") -> str | None:
+    """The JSON path of the first string containing a NUL character (PostgreSQL refuses them)."""
+    if isinstance(value, str):
+        return (path or "body") if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return child
+            found = _nul_path(item, child)
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
 def is_integer_param(name: str) -> bool:
     """Path parameters named ``id`` or ``*_id`` are integers; ``external_id`` and keys are text."""
     return name == "id" or (name.endswith("_id") and name != "external_id")
@@ -165,9 +204,14 @@ def parse_body(model: type[M], raw: bytes) -> M:
     if request.mimetype != "application/json":
         raise BodyError("Send the body as application/json.", status=415)
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as error:
         raise BodyError(f"The body is not valid JSON: {error}") from None
+    bad = _nul_path(data)
+    if bad is not None:
+        from whistle_web.errors import ValidationError
+
+        raise ValidationError.single(bad, "NUL characters are not allowed.")
     try:
         return model.model_validate(data)
     except PydanticValidationError as error:

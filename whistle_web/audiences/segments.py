@@ -22,6 +22,7 @@ from sqlalchemy import (
     cast,
     exists,
     func,
+    literal,
     not_,
     or_,
     select,
@@ -193,10 +194,12 @@ def _condition(field_name: str, operator: str, value: Any, now: datetime) -> Col
     if operator in NUMBER_OPERATORS:
         number = _number(field_name)
         if operator == "between":
-            low, high = sorted(value)
+            low, high = (literal(v, Numeric) for v in sorted(value))
             return number.between(low, high)
-        compare = {"gt": number > value, "gte": number >= value, "lt": number < value}
-        return compare.get(operator, number <= value)
+        # Bound as NUMERIC: JSON numbers may exceed 64-bit integers.
+        bound = literal(value, Numeric)
+        compare = {"gt": number > bound, "gte": number >= bound, "lt": number < bound}
+        return compare.get(operator, number <= bound)
     # Dates: created_at is a timestamp; attributes hold ISO 8601 strings.
     moment = column if field_name in COLUMNS else text
     if operator in ("in_last_days", "not_in_last_days"):

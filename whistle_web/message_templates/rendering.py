@@ -16,8 +16,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 HTML_FIELDS = frozenset({"html"})
 
-_text_env = ImmutableSandboxedEnvironment(autoescape=False, undefined=Undefined)
-_html_env = ImmutableSandboxedEnvironment(autoescape=True, undefined=Undefined)
+
+def _finalize(value: Any) -> Any:
+    """A missing profile field renders as nothing, never as the word "None"."""
+    return "" if value is None else value
+
+
+_text_env = ImmutableSandboxedEnvironment(autoescape=False, undefined=Undefined, finalize=_finalize)
+_html_env = ImmutableSandboxedEnvironment(autoescape=True, undefined=Undefined, finalize=_finalize)
 for _env in (_text_env, _html_env):
     _env.policies["truncate.leeway"] = 0
 

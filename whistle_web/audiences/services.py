@@ -1,0 +1,370 @@
+"""Change topics, subscriptions, segments and categories (the audience building blocks).
+
+Every function works in the current organization, takes plain arguments and the acting
+:class:`~whistle_web.errors.Actor`, records an audit entry and commits once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, exists, func, select
+from sqlalchemy.dialects.postgresql import insert
+
+from whistle_web.audiences.models import Segment, Subscription, Topic
+from whistle_web.audiences.segments import compile_rules, validate_rules
+from whistle_web.campaigns.models import Campaign
+from whistle_web.channels.kinds import Channel
+from whistle_web.errors import Actor, Conflict, FieldError, NotFound, ValidationError
+from whistle_web.extensions import db
+from whistle_web.notifications.models import SendRequest, SendRequestStatus
+from whistle_web.organizations.services import record_audit
+from whistle_web.preferences.models import Category
+from whistle_web.recipients.models import Recipient
+from whistle_web.tenancy import require_organization_id
+
+MAX_SUBSCRIPTION_BATCH = 1000
+MAX_ID = 2**63 - 1  # ids are bigint: a larger one names nothing (and must not reach SQL)
+
+
+def _created_by(actor: Actor) -> int | None:
+    return actor.id if actor.type == "user" else None
+
+
+def _apply(obj: Any, changes: dict[str, Any]) -> dict[str, Any]:
+    """Set the attributes that differ; return {name: new value} for the audit entry."""
+    changed = {}
+    for name, value in changes.items():
+        if getattr(obj, name) != value:
+            setattr(obj, name, value)
+            changed[name] = value
+    return changed
+
+
+# --- topics -----------------------------------------------------------------------------
+
+
+def get_topic(key: str) -> Topic:
+    """Raises NotFound: no topic with this key in the current organization."""
+    topic = None
+    if "\x00" not in key:
+        topic = db.session.scalar(select(Topic).where(Topic.key == key))
+    if topic is None:
+        raise NotFound(f"No topic {key!r}.")
+    return topic
+
+
+def create_topic(key: str, name: str, description: str = "", *, actor: Actor) -> Topic:
+    """Raises Conflict: the key is taken."""
+    if db.session.scalar(select(exists().where(Topic.key == key))):
+        raise Conflict(f"A topic with key {key!r} already exists.")
+    topic = Topic(key=key, name=name, description=description)
+    db.session.add(topic)
+    db.session.flush()
+    record_audit(actor, "topic.created", "topic", topic.id, {"key": key, "name": name})
+    db.session.commit()
+    return topic
+
+
+def update_topic(key: str, changes: dict[str, Any], *, actor: Actor) -> Topic:
+    """Change ``name`` and/or ``description``. Raises NotFound."""
+    topic = get_topic(key)
+    changed = _apply(topic, {k: v for k, v in changes.items() if k in ("name", "description")})
+    if changed:
+        record_audit(actor, "topic.updated", "topic", topic.id, changed)
+        db.session.commit()
+    return topic
+
+
+def delete_topic(key: str, *, actor: Actor) -> None:
+    """Delete a topic and its subscriptions.
+
+    Raises:
+        NotFound: no such topic.
+        Conflict: a campaign targets it.
+    """
+    topic = get_topic(key)
+    if db.session.scalar(select(exists().where(Campaign.topic_id == topic.id))):
+        raise Conflict(f"Topic {key!r} is the audience of a campaign; change the campaign first.")
+    db.session.execute(delete(Topic).where(Topic.id == topic.id))
+    record_audit(actor, "topic.deleted", "topic", topic.id, {"key": key})
+    db.session.commit()
+
+
+def _recipient_ids(external_ids: Sequence[str], field_name: str) -> list[int]:
+    """Map external ids to recipient ids, in order.
+
+    Raises:
+        ValidationError: ``field_name[i]`` for each unknown id.
+    """
+    if len(external_ids) > MAX_SUBSCRIPTION_BATCH:
+        raise ValidationError.single(field_name, f"At most {MAX_SUBSCRIPTION_BATCH} per call.")
+    clean = [e for e in external_ids if "\x00" not in e]
+    found = dict(
+        db.session.execute(
+            select(Recipient.external_id, Recipient.id).where(Recipient.external_id.in_(clean))
+        ).all()
+    )
+    errors = [
+        FieldError(f"{field_name}[{i}]", f"No recipient {external_id!r}.")
+        for i, external_id in enumerate(external_ids)
+        if external_id not in found
+    ]
+    if errors:
+        raise ValidationError(errors)
+    return list(dict.fromkeys(found[e] for e in external_ids))
+
+
+def subscribe(key: str, external_ids: Sequence[str], *, actor: Actor) -> int:
+    """Subscribe recipients to a topic; already subscribed ones are left alone.
+
+    Returns:
+        How many subscriptions were added.
+
+    Raises:
+        NotFound: no such topic.
+        ValidationError: ``recipients[i]`` is not a known recipient.
+    """
+    topic = get_topic(key)
+    ids = _recipient_ids(external_ids, "recipients")
+    org_id = require_organization_id()
+    added = 0
+    if ids:
+        result = db.session.execute(
+            insert(Subscription)
+            .values(
+                [{"organization_id": org_id, "topic_id": topic.id, "recipient_id": i} for i in ids]
+            )
+            .on_conflict_do_nothing(index_elements=["topic_id", "recipient_id"])
+            .returning(Subscription.id)
+        )
+        added = len(result.all())
+    record_audit(
+        actor, "topic.subscribed", "topic", topic.id, {"recipients": len(ids), "added": added}
+    )
+    db.session.commit()
+    return added
+
+
+def unsubscribe(key: str, external_ids: Sequence[str], *, actor: Actor) -> int:
+    """Remove recipients from a topic; ones not subscribed are left alone.
+
+    Returns:
+        How many subscriptions were removed.
+
+    Raises:
+        NotFound: no such topic.
+        ValidationError: ``recipients[i]`` is not a known recipient.
+    """
+    topic = get_topic(key)
+    ids = _recipient_ids(external_ids, "recipients")
+    removed = 0
+    if ids:
+        result = db.session.execute(
+            delete(Subscription)
+            .where(Subscription.topic_id == topic.id, Subscription.recipient_id.in_(ids))
+            .returning(Subscription.id)
+        )
+        removed = len(result.all())
+    record_audit(
+        actor, "topic.unsubscribed", "topic", topic.id, {"recipients": len(ids), "removed": removed}
+    )
+    db.session.commit()
+    return removed
+
+
+# --- categories -------------------------------------------------------------------------
+
+
+def get_category(key: str) -> Category:
+    """Raises NotFound: no category with this key in the current organization."""
+    category = None
+    if "\x00" not in key:
+        category = db.session.scalar(select(Category).where(Category.key == key))
+    if category is None:
+        raise NotFound(f"No category {key!r}.")
+    return category
+
+
+def _channels(channels: Sequence[str]) -> list[str]:
+    """Known channels, deduplicated in the order given.
+
+    Raises:
+        ValidationError: ``default_channels[i]`` is not a channel.
+    """
+    known = set(Channel.__members__.values())
+    errors = [
+        FieldError(f"default_channels[{i}]", f"Unknown channel {c!r}.")
+        for i, c in enumerate(channels)
+        if c not in known
+    ]
+    if errors:
+        raise ValidationError(errors)
+    return list(dict.fromkeys(str(Channel(c)) for c in channels))
+
+
+def create_category(
+    key: str,
+    name: str,
+    *,
+    description: str = "",
+    default_channels: Sequence[str] = (),
+    critical: bool = False,
+    actor: Actor,
+) -> Category:
+    """Raises Conflict (the key is taken) or ValidationError (an unknown channel)."""
+    channels = _channels(default_channels)
+    if db.session.scalar(select(exists().where(Category.key == key))):
+        raise Conflict(f"A category with key {key!r} already exists.")
+    category = Category(
+        key=key,
+        name=name,
+        description=description,
+        default_channels=channels,
+        critical=critical,
+    )
+    db.session.add(category)
+    db.session.flush()
+    record_audit(
+        actor,
+        "category.created",
+        "category",
+        category.id,
+        {"key": key, "name": name, "default_channels": channels, "critical": critical},
+    )
+    db.session.commit()
+    return category
+
+
+def update_category(key: str, changes: dict[str, Any], *, actor: Actor) -> Category:
+    """Change ``name``, ``description``, ``default_channels`` and/or ``critical``."""
+    category = get_category(key)
+    allowed = {k: v for k, v in changes.items() if k in ("name", "description", "default_channels")}
+    if "critical" in changes:
+        allowed["critical"] = bool(changes["critical"])
+    if "default_channels" in allowed:
+        allowed["default_channels"] = _channels(allowed["default_channels"] or [])
+    changed = _apply(category, allowed)
+    if changed:
+        record_audit(actor, "category.updated", "category", category.id, changed)
+        db.session.commit()
+    return category
+
+
+def delete_category(key: str, *, actor: Actor) -> None:
+    """Delete a category: its templates lose their category, its preferences go."""
+    category = get_category(key)
+    db.session.execute(delete(Category).where(Category.id == category.id))
+    record_audit(actor, "category.deleted", "category", category.id, {"key": key})
+    db.session.commit()
+
+
+# --- segments ---------------------------------------------------------------------------
+
+
+def get_segment(segment_id: int) -> Segment:
+    """Raises NotFound: no such segment in the current organization."""
+    segment = None
+    if 0 < segment_id <= MAX_ID:
+        segment = db.session.scalar(select(Segment).where(Segment.id == segment_id))
+    if segment is None:
+        raise NotFound(f"No segment {segment_id}.")
+    return segment
+
+
+def _check_rules(rules: Any) -> dict[str, Any]:
+    errors = validate_rules(rules) or _out_of_range(rules, "rules")
+    if errors:
+        raise ValidationError(errors)
+    return rules
+
+
+def _out_of_range(node: dict[str, Any], path: str) -> list[FieldError]:
+    """Numbers beyond 64-bit integers, which the compiled query cannot bind (JSONB also
+    turns a large float like 1e300 into a huge integer), in a valid tree."""
+    if "rules" in node:
+        return [
+            error
+            for i, child in enumerate(node["rules"])
+            for error in _out_of_range(child, f"{path}.rules[{i}]")
+        ]
+    value = node.get("value")
+    values = value if isinstance(value, list) else [value]
+    if any(
+        isinstance(v, int | float) and not isinstance(v, bool) and not -MAX_ID <= v <= MAX_ID
+        for v in values
+    ):
+        return [FieldError(f"{path}.value", f"Numbers between {-MAX_ID} and {MAX_ID}.")]
+    return []
+
+
+def _check_name_free(name: str, segment_id: int | None = None) -> None:
+    stmt = select(exists().where(Segment.name == name, Segment.id != (segment_id or 0)))
+    if db.session.scalar(stmt):
+        raise Conflict(f"A segment named {name!r} already exists.")
+
+
+def create_segment(
+    name: str, rules: dict[str, Any], *, description: str = "", actor: Actor
+) -> Segment:
+    """Raises ValidationError (``rules...`` paths) or Conflict (the name is taken)."""
+    _check_rules(rules)
+    _check_name_free(name)
+    segment = Segment(
+        name=name, description=description, rules=rules, created_by_id=_created_by(actor)
+    )
+    db.session.add(segment)
+    db.session.flush()
+    record_audit(actor, "segment.created", "segment", segment.id, {"name": name, "rules": rules})
+    db.session.commit()
+    return segment
+
+
+def update_segment(segment_id: int, changes: dict[str, Any], *, actor: Actor) -> Segment:
+    """Change ``name``, ``description`` and/or ``rules``."""
+    segment = get_segment(segment_id)
+    allowed = {k: v for k, v in changes.items() if k in ("name", "description", "rules")}
+    if "rules" in allowed:
+        _check_rules(allowed["rules"])
+    if "name" in allowed:
+        _check_name_free(allowed["name"], segment.id)
+    changed = _apply(segment, allowed)
+    if changed:
+        record_audit(actor, "segment.updated", "segment", segment.id, changed)
+        db.session.commit()
+    return segment
+
+
+def segment_in_use(segment_id: int) -> bool:
+    """A campaign targets the segment, or a trigger waiting to be planned does."""
+    if db.session.scalar(select(exists().where(Campaign.segment_id == segment_id))):
+        return True
+    waiting = select(SendRequest.id).where(
+        SendRequest.status.in_([SendRequestStatus.PENDING, SendRequestStatus.PLANNING]),
+        SendRequest.audience["type"].astext == "segment",
+        SendRequest.audience["id"].as_integer() == segment_id,
+    )
+    return bool(db.session.scalar(select(exists(waiting))))
+
+
+def delete_segment(segment_id: int, *, actor: Actor) -> None:
+    """Raises NotFound, or Conflict while a campaign or a pending send uses the segment."""
+    segment = get_segment(segment_id)
+    if segment_in_use(segment.id):
+        raise Conflict(f"Segment {segment.id} is used by a campaign or a pending send.")
+    db.session.execute(delete(Segment).where(Segment.id == segment.id))
+    record_audit(actor, "segment.deleted", "segment", segment.id, {"name": segment.name})
+    db.session.commit()
+
+
+def count_segment(segment_id: int) -> int:
+    """How many recipients of the current organization match the segment now."""
+    segment = get_segment(segment_id)
+    return count_rules(segment.rules)
+
+
+def count_rules(rules: dict[str, Any]) -> int:
+    """Raises ValidationError: the rules are invalid."""
+    stmt = select(func.count()).select_from(Recipient).where(compile_rules(rules))
+    return int(db.session.scalar(stmt) or 0)
