@@ -177,6 +177,8 @@ def test_out_of_range_ids_and_nul_characters_are_not_500s(api):
     assert_problem(api.get("/recipients/a%00b"), 404)
     assert_problem(api.put("/recipients/u1", json={"name": "a\x00b"}), 422, "name")
     assert_problem(
-        api.put("/recipients/u1", data='{"attributes": {"x": NaN}}', content_type="application/json"),
+        api.put(
+            "/recipients/u1", data='{"attributes": {"x": NaN}}', content_type="application/json"
+        ),
         400,
     )

@@ -128,5 +128,8 @@ def test_trigger_to_a_segment(org, people, make_template, redis):
 
 
 def test_numbers_beyond_64_bits_compare_as_numeric(org, people):
-    rules = {"op": "and", "rules": [{"field": "attributes.seats", "operator": "lt", "value": 1e300}]}
+    rules = {
+        "op": "and",
+        "rules": [{"field": "attributes.seats", "operator": "lt", "value": 1e300}],
+    }
     assert _match(org, rules) == {"ada", "bob"}

@@ -61,11 +61,18 @@ def health():  # type: ignore[no-untyped-def]
     return jsonify(status="ok" if healthy else "degraded", checks=checks), 200 if healthy else 503
 
 
+def limits_storage_uri(redis_url: str) -> str:
+    """The `limits` library spells a Redis Unix socket ``redis+unix://``."""
+    if redis_url.startswith("unix://"):
+        return "redis+unix://" + redis_url.removeprefix("unix://")
+    return redis_url
+
+
 def init_app(app: Flask) -> None:
     from whistle_web.api import resources  # noqa: F401  (registers every endpoint on bp)
     from whistle_web.api.openapi import schema_bp
 
-    app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"])
+    app.config.setdefault("RATELIMIT_STORAGE_URI", limits_storage_uri(app.config["REDIS_URL"]))
     app.config.setdefault("RATELIMIT_ENABLED", True)
     limiter.init_app(app)
     limiter.limit(lambda: current_app.config["WHISTLE_API_RATE_LIMIT"])(bp)

@@ -221,6 +221,11 @@ def parse_body(model: type[M], raw: bytes) -> M:
 def parse_query(model: type[M]) -> M:
     data = {key: request.args.getlist(key) for key in request.args}
     flat = {k: v if len(v) > 1 else v[0] for k, v in data.items()}
+    bad = _nul_path(flat)
+    if bad is not None:
+        from whistle_web.errors import ValidationError
+
+        raise ValidationError.single(bad, "NUL characters are not allowed.")
     try:
         return model.model_validate(flat)
     except PydanticValidationError as error:

@@ -1,0 +1,463 @@
+"""API throughput: ``POST /api/v1/notifications`` against a ``GET /api/v1/health`` baseline.
+
+Starts the production web process (``gunicorn -c gunicorn.conf.py wsgi:app``) on
+127.0.0.1 against the bench's own database (recreated and migrated at start, dropped at the
+end unless ``--keep``) and its own Redis database (flushed), seeds an organization with an
+API key, an in-app template and one recipient, then drives each endpoint with the same
+number of concurrent closed-loop clients (each sends its next request when the previous one
+answered) for a fixed time after a warm-up, and reports requests/s and p50/p99 latency for
+both and the ratio trigger/health. No worker runs: triggers are accepted (202) and their
+planning jobs wait in Redis, which is what the web process does on its own.
+
+Clients are processes with threads on plain ``http.client`` keep-alive connections (light,
+so they take as little CPU from the server as possible); they share this machine with the
+server, which the numbers include.
+
+    .venv/bin/python bench/api.py                      # 32 clients, 10 s per endpoint
+    .venv/bin/python bench/api.py --duration 20 --concurrency 64
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# ``python bench/x.py`` puts bench/ first on sys.path: look modules up from the root instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import atexit  # noqa: E402
+import http.client  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/whistle_bench_api"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/4"
+VENV_BIN = ROOT / ".venv" / "bin"
+IN_APP_CONTENT = {
+    "in_app": {
+        "title": "Hi {{ recipient.name or 'there' }}",
+        "body": "{{ data.headline }}",
+        "action_url": "https://example.com/whats-new",
+    }
+}
+RECIPIENT = "bench-user"
+GOAL_RATIO = 0.40
+GOAL_P99_MS = 50.0
+
+
+# --- services: the bench's own database and Redis on 127.0.0.1 only ---------------------
+
+
+def local_url(url: str, what: str) -> str:
+    host = urlsplit(url).hostname
+    if host != "127.0.0.1":
+        raise SystemExit(f"{what} must point at 127.0.0.1, not {host!r}: {url}")
+    return url
+
+
+def service_env(args: argparse.Namespace, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=args.database_url,
+        REDIS_URL=args.redis_url,
+        WHISTLE_ENV="development",
+        WHISTLE_LOG_LEVEL="WARNING",
+        **extra,
+    )
+    return env
+
+
+def recreate_database(args: argparse.Namespace) -> None:
+    """Drop and create the bench database (it is the bench's own), then migrate it."""
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(args.database_url)
+    name = parts.path.lstrip("/")
+    if not name.startswith("whistle_bench"):
+        raise SystemExit(f"refusing to recreate {name!r}: the bench database is whistle_bench*")
+    admin = parts._replace(path="/postgres").geturl()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    subprocess.run(
+        [str(VENV_BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
+        cwd=ROOT,
+        env=service_env(args),
+        check=True,
+        capture_output=True,
+    )
+
+
+def drop_database(database_url: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(database_url)
+    admin = parts._replace(path="/postgres").geturl()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(parts.path.lstrip("/"))
+            )
+        )
+
+
+def seed(args: argparse.Namespace) -> tuple[str, int]:
+    """An organization with an API key, an in-app template and one recipient.
+
+    Returns:
+        (the API key, the organization id).
+    """
+    os.environ.update(DATABASE_URL=args.database_url, REDIS_URL=args.redis_url)
+    from whistle_web import create_app, get_redis
+    from whistle_web.accounts.services import create_api_key
+    from whistle_web.errors import Actor
+    from whistle_web.extensions import db
+    from whistle_web.models import Recipient, Template, TemplateVersion, VersionState
+    from whistle_web.organizations.services import create_organization
+    from whistle_web.tenancy import organization_scope
+
+    app = create_app()
+    with app.app_context():
+        get_redis().flushdb()  # the bench's own Redis database
+        org = create_organization(f"bench-api-{time.time_ns()}")
+        with organization_scope(org.id):
+            template = Template(key="bench", name="Bench")
+            db.session.add(template)
+            db.session.flush()
+            version = TemplateVersion(
+                template_id=template.id,
+                version=1,
+                state=VersionState.PUBLISHED,
+                content=IN_APP_CONTENT,
+            )
+            db.session.add(version)
+            db.session.flush()
+            template.published_version_id = version.id
+            db.session.add(Recipient(external_id=RECIPIENT, name="Bench", timezone="UTC"))
+            issued = create_api_key("bench", actor=Actor.system("bench"))
+            db.session.commit()
+            org_id = org.id
+        db.engine.dispose()
+    return issued.secret, org_id
+
+
+def count_send_requests(args: argparse.Namespace, org_id: int) -> int:
+    from sqlalchemy import func, select
+
+    from whistle_web import create_app
+    from whistle_web.extensions import db
+    from whistle_web.models import SendRequest
+    from whistle_web.tenancy import organization_scope
+
+    app = create_app()
+    with app.app_context(), organization_scope(org_id):
+        count = db.session.scalar(select(func.count()).select_from(SendRequest))
+        db.session.rollback()
+        db.engine.dispose()
+    return int(count or 0)
+
+
+def flush_redis(args: argparse.Namespace) -> None:
+    import redis
+
+    redis.Redis.from_url(args.redis_url).flushdb()
+
+
+# --- the web process ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gunicorn:
+    """``gunicorn -c gunicorn.conf.py wsgi:app`` started by the bench, stopped by its pid."""
+
+    def __init__(self, args: argparse.Namespace, log_path: Path) -> None:
+        self.args, self.log_path = args, log_path
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = service_env(
+            self.args,
+            PORT=str(self.port),
+            WHISTLE_BIND_HOST="127.0.0.1",
+            WHISTLE_API_RATE_LIMIT="100000000 per minute",
+        )
+        if self.args.web_concurrency:
+            env["WEB_CONCURRENCY"] = str(self.args.web_concurrency)
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        atexit.register(self.stop)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                status, _ = request_once(self.port, "GET", "/api/v1/health")
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SystemExit(f"gunicorn did not start; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def request_once(port: int, method: str, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+# --- load --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    method: str
+    path: str
+    body: bytes | None
+    headers: dict[str, str]
+
+
+def client_process(
+    port: int, target: Target, threads: int, measure_from: float, stop_at: float
+) -> tuple[list[float], dict[int, int], int]:
+    """Run ``threads`` closed-loop clients until ``stop_at`` (wall clock).
+
+    Returns:
+        Latencies (s) of requests sent and answered within the window, status counts in the
+        window, and connection errors.
+    """
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = [0]
+    lock = threading.Lock()
+
+    def run() -> None:
+        mine: list[float] = []
+        counts: dict[int, int] = {}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while True:
+            started_wall = time.time()
+            if started_wall >= stop_at:
+                break
+            started = time.perf_counter()
+            try:
+                conn.request(target.method, target.path, body=target.body, headers=target.headers)
+                response = conn.getresponse()
+                response.read()
+                status = response.status
+            except (OSError, http.client.HTTPException):
+                with lock:
+                    errors[0] += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                continue
+            elapsed = time.perf_counter() - started
+            if started_wall >= measure_from and started_wall + elapsed <= stop_at:
+                mine.append(elapsed)
+                counts[status] = counts.get(status, 0) + 1
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+            for status, n in counts.items():
+                statuses[status] = statuses.get(status, 0) + n
+
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return latencies, statuses, errors[0]
+
+
+def drive(
+    port: int, target: Target, *, concurrency: int, processes: int, warmup: float, duration: float
+) -> dict[str, Any]:
+    per_process = [
+        concurrency // processes + (i < concurrency % processes) for i in range(processes)
+    ]
+    per_process = [n for n in per_process if n]
+    start = time.time() + 1.0  # let the processes start
+    measure_from = start + warmup
+    stop_at = measure_from + duration
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    with ProcessPoolExecutor(max_workers=len(per_process)) as pool:
+        futures = [
+            pool.submit(client_process, port, target, n, measure_from, stop_at) for n in per_process
+        ]
+        for future in futures:
+            lat, counts, errs = future.result()
+            latencies += lat
+            errors += errs
+            for status, n in counts.items():
+                statuses[status] = statuses.get(status, 0) + n
+    latencies.sort()
+    return {
+        "endpoint": f"{target.method} {target.path}",
+        "requests": len(latencies),
+        "seconds": duration,
+        "rps": len(latencies) / duration,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "max_ms": (latencies[-1] if latencies else 0.0) * 1000,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "connection_errors": errors,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    index = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[index]
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients")
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds measured per endpoint"
+    )
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument(
+        "--web-concurrency", type=int, default=None, help="gunicorn workers (WEB_CONCURRENCY)"
+    )
+    parser.add_argument(
+        "--database-url", default=os.environ.get("BENCH_API_DATABASE_URL", DEFAULT_DATABASE_URL)
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("BENCH_API_REDIS_URL", DEFAULT_REDIS_URL)
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the bench database at the end")
+    args = parser.parse_args(argv)
+    local_url(args.database_url, "--database-url")
+    local_url(args.redis_url, "--redis-url")
+    return args
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so gunicorn is stopped and the database dropped."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def report(result: dict[str, Any]) -> None:
+    print(
+        f"{result['endpoint']:<28} {result['rps']:>8.0f} req/s   p50 {result['p50_ms']:6.1f} ms"
+        f"   p99 {result['p99_ms']:6.1f} ms   max {result['max_ms']:6.1f} ms"
+        f"   statuses {result['statuses']}   connection errors {result['connection_errors']}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    exit_on_sigterm()
+    recreate_database(args)
+    if not args.keep:
+        atexit.register(drop_database, args.database_url)
+    atexit.register(flush_redis, args)
+    api_key, org_id = seed(args)
+    with tempfile.TemporaryDirectory(prefix="whistle-bench-api-") as tmp:
+        server = Gunicorn(args, Path(tmp) / "gunicorn.log")
+        server.start()
+        try:
+            health = Target("health", "GET", "/api/v1/health", None, {})
+            body = {"template": "bench", "to": [RECIPIENT], "channels": ["in_app"]}
+            body["data"] = {"headline": "Benchmarks"}
+            trigger = Target(
+                "trigger",
+                "POST",
+                "/api/v1/notifications",
+                json.dumps(body).encode(),
+                {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+            )
+            print(
+                f"gunicorn on 127.0.0.1:{server.port} ({os.cpu_count()} CPUs, shared with the "
+                f"clients); {args.concurrency} clients in {args.client_processes} processes, "
+                f"{args.warmup:g} s warm-up + {args.duration:g} s per endpoint",
+                flush=True,
+            )
+            options = {
+                "concurrency": args.concurrency,
+                "processes": args.client_processes,
+                "warmup": args.warmup,
+                "duration": args.duration,
+            }
+            results = {}
+            for target in (health, trigger):
+                results[target.name] = drive(server.port, target, **options)
+                report(results[target.name])
+        finally:
+            server.stop()
+    accepted = results["trigger"]["statuses"].get("202", 0)
+    created = count_send_requests(args, org_id)
+    ratio = results["trigger"]["rps"] / results["health"]["rps"]
+    p99 = results["trigger"]["p99_ms"]
+    print(f"send requests written: {created:,} (202 answers in the window: {accepted:,})")
+    print(
+        f"ratio trigger/health: {ratio:.2f} (goal >= {GOAL_RATIO:.2f}: "
+        f"{'met' if ratio >= GOAL_RATIO else 'NOT met'}); trigger p99 {p99:.1f} ms "
+        f"(goal < {GOAL_P99_MS:g} ms: {'met' if p99 < GOAL_P99_MS else 'NOT met'})"
+    )
+    print(json.dumps({"results": results, "ratio": ratio}, default=str))
+
+
+if __name__ == "__main__":
+    main()
