@@ -72,7 +72,9 @@ def authenticate(scope: str | None) -> Actor:
         scopes, org_id = set(key.scopes), key.organization_id
         actor = Actor("api_key", key.id, f"API key {key.prefix}", _client_ip())
         g.api_key_id = key.id
-        touch_api_key(key.id)
+        # Recorded at most once a minute: no write on the hot path of every request.
+        if key.last_used_at is None or key.last_used_at < datetime.now(UTC) - timedelta(minutes=1):
+            touch_api_key(key.id)
     else:
         claims = decode_access_token(token)
         org_id = int(claims["org"])

@@ -47,12 +47,17 @@ def published_template(
     Raises:
         ValidationError: no such template, or it was never published.
     """
-    template = db.session.scalar(select(Template).where(Template.key == key))
-    if template is None:
+    row = db.session.execute(
+        select(Template, TemplateVersion)
+        .outerjoin(TemplateVersion, TemplateVersion.id == Template.published_version_id)
+        .where(Template.key == key)
+    ).first()
+    if row is None:
         raise ValidationError.single(field_name, f"No template with key {key!r}.")
-    if template.published_version_id is None:
+    template, version = row
+    if version is None:
         raise ValidationError.single(field_name, f"Template {key!r} has no published version.")
-    return template, db.session.get(TemplateVersion, template.published_version_id)
+    return template, version
 
 
 def check_channels(channels: list[str] | None, version: TemplateVersion) -> list[str] | None:
@@ -160,9 +165,12 @@ def trigger(
         idempotency_key=idempotency_key or None,
         send_at=send_at or now,
         local_send_time=local_time,
-        max_recipient_id=_max_recipient_id(),
+        # Topics and segments are bounded by the recipients that exist now; a list of ids
+        # needs no bound.
+        max_recipient_id=None if audience["type"] == "recipients" else _max_recipient_id(),
         actor=actor.label,
     )
+    due = request.send_at <= now
     db.session.add(request)
     try:
         db.session.commit()
@@ -173,7 +181,7 @@ def trigger(
         if existing is None:
             raise
         return existing
-    if request.send_at <= datetime.now(UTC):
+    if due:
         from workers.sending import enqueue_planning
 
         enqueue_planning(request)
