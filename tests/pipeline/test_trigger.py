@@ -30,7 +30,8 @@ def test_trigger_to_inline_and_known_recipients_sends_in_app(
 ):
     known = make_recipient(org, "u-1", name="Ada")
     pubsub = redis.pubsub()
-    pubsub.psubscribe("whistle:inbox:*")
+    # Pub/sub ignores Redis database numbers: listen to this organization's channels only.
+    pubsub.psubscribe(f"whistle:inbox:{org.id}:*")
     with organization_scope(org.id):
         request = trigger(
             "welcome",
