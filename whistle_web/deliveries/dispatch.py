@@ -5,6 +5,12 @@ their own commit before anything goes out, so two workers never send the same de
 and a retried batch never sends one that is already ``sent``. A worker killed while a
 chunk is ``sending`` leaves it there; the sweeper marks such deliveries failed instead of
 sending them again (at most once beats a duplicate).
+
+In-app deliveries are the inbox itself (DESIGN.md: "stored, then published"): a chunk is
+locked with ``FOR UPDATE SKIP LOCKED``, rendered, marked ``sent`` and committed, and only
+then published on Redis. Nothing goes out before the commit, so a crash before it sends
+nothing and a crash after it loses at most the live push (the widget shows the item on its
+next fetch); the ``sending`` step and its extra commit per chunk are not needed.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from functools import lru_cache
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import exists, func, select, text, update
+from jinja2 import TemplateError, meta
+from jinja2.runtime import new_context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from sqlalchemy import Text, cast, exists, func, select, text, update
 
 from whistle_web import get_redis
 from whistle_web.campaigns.models import Campaign, CampaignStatus
@@ -35,6 +44,7 @@ from whistle_web.message_templates.rendering import CompiledContent, RenderError
 from whistle_web.notifications.models import Notification, SendRequest, SendRequestStatus
 from whistle_web.organizations.models import Organization
 from whistle_web.recipients.models import Device, DeviceKind, Recipient
+from whistle_web.tenancy import TenantScopeError
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +52,22 @@ CHUNK_SIZE = {
     Channel.EMAIL: 100,
     Channel.SMS: 100,
     Channel.PUSH: 200,
-    Channel.IN_APP: 1000,
+    # One statement locks, one marks sent, one pipeline publishes: bigger is cheaper, and a
+    # pause still stops within one chunk.
+    Channel.IN_APP: 2500,
     Channel.WEBHOOK: 50,
 }
 MAX_ATTEMPTS = 5
 PUSH_DEVICE_KINDS = {ProviderKind.FCM: DeviceKind.FCM, ProviderKind.WEBPUSH: DeviceKind.WEBPUSH}
+
+
+# Bulk UPDATEs of a chunk join the deliveries to the chunk's values (``v``) on the primary key
+# and put no other condition on ``deliveries``: with missing or stale statistics (a new
+# tenant's first big send, autovacuum behind a bulk insert) any extra condition makes the
+# planner expect one matching row and scan every value for each candidate row, or walk the
+# tenant's whole index for every chunk. The rows are locked first (the in-app chunk by its
+# claim, the others by _lock_still_sending) and the tenant is checked on what the UPDATE
+# returns (_counted).
 
 
 def backoff(attempt: int) -> timedelta:
@@ -57,6 +78,91 @@ def backoff(attempt: int) -> timedelta:
 @lru_cache(maxsize=256)
 def _compiled(version_id: int, content_json: str) -> CompiledContent:
     return compile_content(json.loads(content_json))
+
+
+_JINJA_MARKS = ("{{", "{%", "{#")
+_parser = ImmutableSandboxedEnvironment()
+
+
+@dataclass(frozen=True)
+class ChannelTemplate:
+    """One channel's fields, compiled once per template version, for rendering per delivery.
+
+    Plain-text fields are rendered once. The others share one context per delivery (the
+    globals merged in once, ``shared=True``) instead of copying it for every field as
+    ``Template.render`` does; any exception falls back to :meth:`CompiledContent.render`,
+    which reports the error as it always has.
+    """
+
+    channel: str
+    compiled: CompiledContent
+    variable: tuple[tuple[str, Any], ...]
+    fixed: dict[str, Any]
+    template_globals: dict[str, Any] | None  # None: render through ``compiled`` only
+    # Whether any field reads ``unsubscribe_url`` (an HMAC per delivery when built).
+    uses_unsubscribe_url: bool
+
+    def render(self, render_context: dict[str, Any]) -> dict[str, Any]:
+        if self.template_globals is None:
+            return self.compiled.render(self.channel, render_context)
+        shared = {**self.template_globals, **render_context}
+        content: dict[str, Any] = {}
+        try:
+            for name, template in self.variable:
+                # What Template.new_context does, with the globals flattened once (the
+                # template's own are a ChainMap, walked again for every context).
+                context = new_context(
+                    template.environment,
+                    template.name,
+                    template.blocks,
+                    shared,
+                    shared=True,
+                    globals=self.template_globals,
+                )
+                content[name] = template.environment.concat(template.root_render_func(context))
+        except Exception:  # rendered again below, to report the error as usual
+            return self.compiled.render(self.channel, render_context)
+        content.update(self.fixed)
+        return content
+
+
+@lru_cache(maxsize=256)
+def _channel_template(version_id: int, content_json: str, channel: str) -> ChannelTemplate:
+    compiled = _compiled(version_id, content_json)
+    sources = json.loads(content_json).get(channel)
+    fields = compiled.fields.get(channel, {})
+    variable: list[tuple[str, Any]] = []
+    fixed: dict[str, Any] = {}
+    names: set[str] = set()
+    fast = True
+    for name, template in fields.items():
+        source = sources.get(name) if isinstance(sources, dict) else None
+        if template is None:
+            continue  # not text: rendering skips it
+        if isinstance(template, RenderError):
+            fast = False  # rendering reports it for every delivery
+            continue
+        if isinstance(source, str) and not any(m in source for m in _JINJA_MARKS):
+            # Plain text renders the same for everyone: render it once.
+            fixed[name] = CompiledContent({channel: {name: template}}).render(channel, {})[name]
+            continue
+        variable.append((name, template))
+        if isinstance(source, str):
+            try:
+                names |= meta.find_undeclared_variables(_parser.parse(source))
+            except TemplateError:
+                names.add("unsubscribe_url")
+    template_globals = [dict(t.globals) for _, t in variable]
+    if any(g != template_globals[0] for g in template_globals):
+        fast = False
+    return ChannelTemplate(
+        channel=channel,
+        compiled=compiled,
+        variable=tuple(variable),
+        fixed=fixed,
+        template_globals=(template_globals[0] if template_globals else {}) if fast else None,
+        uses_unsubscribe_url="unsubscribe_url" in names or not fast,
+    )
 
 
 @dataclass
@@ -72,7 +178,17 @@ class ChannelContext:
     base_url: str
     secret: str
     allow_private_webhooks: bool
+    # Read per delivery: plain values, which the commit after every chunk does not expire.
+    organization_id: int = 0
+    organization_name: str = ""
+    channel_template: ChannelTemplate | None = None
     counters: list[CounterRow] = field(default_factory=list)
+
+    def render(self, render_context: dict[str, Any]) -> dict[str, Any]:
+        """This channel's fields for one delivery."""
+        if self.channel_template is None:
+            return self.compiled.render(self.channel.value, render_context)
+        return self.channel_template.render(render_context)
 
     @classmethod
     def load(cls, request: SendRequest, channel: Channel) -> ChannelContext:
@@ -85,13 +201,18 @@ class ChannelContext:
             )
         )
         config = current_app.config
+        content_json = json.dumps(version.content, sort_keys=True)
+        organization = db.session.get(Organization, request.organization_id)
         return cls(
             request=request,
             channel=channel,
             template=db.session.get(Template, request.template_id),
-            compiled=_compiled(version.id, json.dumps(version.content, sort_keys=True)),
+            compiled=_compiled(version.id, content_json),
+            channel_template=_channel_template(version.id, content_json, channel.value),
             providers=providers,
-            organization=db.session.get(Organization, request.organization_id),
+            organization=organization,
+            organization_id=organization.id,
+            organization_name=organization.name,
             base_url=config["WHISTLE_BASE_URL"],
             secret=config["SECRET_KEY"],
             allow_private_webhooks=bool(config.get("WHISTLE_WEBHOOK_ALLOW_PRIVATE", False)),
@@ -104,12 +225,13 @@ def run_batch(batch_id: int) -> str:
     if batch is None or batch.status == BatchStatus.DONE:
         return "nothing to do"
     request = db.session.get(SendRequest, batch.send_request_id)
-    halted = _halted(request)
+    request_id = request.id
+    halted = _halted(request_id)
     if halted == "cancelled":
         _cancel_rest(batch)
         _finish(batch)
         db.session.commit()
-        check_completion(request.id)
+        check_completion(request_id)
         return "cancelled"
     if halted == "paused":
         return "paused"
@@ -119,15 +241,24 @@ def run_batch(batch_id: int) -> str:
     db.session.commit()
 
     context = ChannelContext.load(request, Channel(batch.channel))
+    stored = _stored_provider(context)
+    stored_id = stored.id if stored is not None else None
+    limit = CHUNK_SIZE[context.channel]
     sent = 0
     while True:
-        claimed = claim(batch.id, CHUNK_SIZE[context.channel])
-        if not claimed:
-            break
-        sent += deliver(claimed, context)
-        batch.heartbeat_at = datetime.now(UTC)
-        db.session.commit()
-        state = _halted(request)
+        if stored is not None:
+            handled, ok = store_and_publish(batch_id, limit, context, stored_id)
+            if not handled:
+                break
+            sent += ok
+        else:
+            claimed = claim(batch_id, limit)
+            if not claimed:
+                break
+            sent += deliver(claimed, context)
+            _heartbeat(batch_id)
+            db.session.commit()
+        state = _halted(request_id)
         if state:
             if state == "cancelled":
                 _cancel_rest(batch)
@@ -136,8 +267,18 @@ def run_batch(batch_id: int) -> str:
             return f"{state} after {sent}"
     outcome = _settle(batch)
     db.session.commit()
-    check_completion(request.id)
+    check_completion(request_id)
     return f"sent {sent}; {outcome}"
+
+
+def _heartbeat(batch_id: int) -> None:
+    """Tell the sweeper this batch's worker is alive (in the caller's transaction)."""
+    db.session.execute(
+        update(DeliveryBatch)
+        .where(DeliveryBatch.id == batch_id)
+        .values(heartbeat_at=datetime.now(UTC))
+        .execution_options(synchronize_session=False)
+    )
 
 
 def claim(batch_id: int, limit: int) -> list[int]:
@@ -166,9 +307,9 @@ def claim(batch_id: int, limit: int) -> list[int]:
     return ids
 
 
-def deliver(delivery_ids: list[int], context: ChannelContext) -> int:
-    """Render and send claimed deliveries, then record every outcome. Returns how many sent."""
-    rows = db.session.execute(
+def _delivery_rows() -> Any:
+    """What rendering and sending need of each delivery, its recipient and notification."""
+    return (
         select(
             Delivery.id,
             Delivery.notification_id,
@@ -183,38 +324,189 @@ def deliver(delivery_ids: list[int], context: ChannelContext) -> int:
             Recipient.locale,
             Recipient.timezone,
             Recipient.attributes,
-            Notification.data,
+            # As text: a send's notifications usually share one ``data``, parsed once.
+            cast(Notification.data, Text).label("data_json"),
         )
         .join(Notification, Notification.id == Delivery.notification_id)
         .outerjoin(Recipient, Recipient.id == Delivery.recipient_id)
-        .where(Delivery.id.in_(delivery_ids))
-        .order_by(Delivery.id)
+    )
+
+
+def deliver(delivery_ids: list[int], context: ChannelContext) -> int:
+    """Render and send claimed deliveries, then record every outcome. Returns how many sent."""
+    rows = db.session.execute(
+        _delivery_rows().where(Delivery.id.in_(delivery_ids)).order_by(Delivery.id)
     ).all()
     devices = _devices(rows, context) if context.channel == Channel.PUSH else {}
-    messages: list[Message] = []
-    rendered: dict[int, dict[str, Any]] = {}
-    failures: list[SendResult] = []
-    for row in rows:
-        if row.recipient_id is None:
-            failures.append(SendResult.failed(row.id, "the recipient was deleted"))
-            continue
-        try:
-            content = context.compiled.render(context.channel.value, _render_context(row, context))
-        except RenderError as error:
-            failures.append(SendResult.failed(row.id, f"template error: {error}"))
-            continue
-        built = _messages(row, content, context, devices)
-        if not built:
-            failures.append(SendResult.failed(row.id, "no active device or address"))
-            continue
-        rendered[row.id] = content
-        messages += built
+    messages, rendered, failures = _render_all(rows, context, devices)
     outcomes = _send(messages, context) + [Outcome(f) for f in failures]
     _record(outcomes, rendered, {r.id: r.attempts for r in rows}, context)
     return sum(1 for o in _per_delivery(outcomes) if o.result.ok)
 
 
-def _render_context(row: Any, context: ChannelContext) -> dict[str, Any]:
+def _render_all(
+    rows: list[Any], context: ChannelContext, devices: dict[int, list[Device]]
+) -> tuple[list[Message], dict[int, dict[str, Any]], list[SendResult]]:
+    """Messages to send, rendered content per delivery, and the deliveries that cannot go."""
+    messages: list[Message] = []
+    rendered: dict[int, dict[str, Any]] = {}
+    failures: list[SendResult] = []
+    parsed: dict[str, Any] = {}
+    for row in rows:
+        if row.recipient_id is None:
+            failures.append(SendResult.failed(row.id, "the recipient was deleted"))
+            continue
+        data = parsed.get(row.data_json)
+        if data is None:
+            data = parsed[row.data_json] = json.loads(row.data_json) or {}
+        try:
+            content = context.render(_render_context(row, context, data))
+        except RenderError as error:
+            failures.append(SendResult.failed(row.id, f"template error: {error}"))
+            continue
+        built = _messages(row, content, context, devices, data)
+        if not built:
+            failures.append(SendResult.failed(row.id, "no active device or address"))
+            continue
+        rendered[row.id] = content
+        messages += built
+    return messages, rendered, failures
+
+
+def _stored_provider(context: ChannelContext) -> Provider | None:
+    """The in-app provider when the batch can take the store-then-publish path.
+
+    A rate-limited in-app provider keeps the general path (it paces the sends).
+    """
+    if context.channel != Channel.IN_APP:
+        return None
+    if not context.providers:
+        return Provider(id=None, name="in-app", kind=ProviderKind.IN_APP, settings={})
+    provider = context.providers[0]
+    if provider.kind != ProviderKind.IN_APP or provider.rate_limit_per_second is not None:
+        return None
+    return provider
+
+
+def store_and_publish(
+    batch_id: int, limit: int, context: ChannelContext, provider_id: int | None
+) -> tuple[int, int]:
+    """In-app: lock a chunk, render it, mark it sent and commit, then publish it.
+
+    Returns:
+        (deliveries handled, deliveries sent); (0, 0) when nothing is left to do.
+    """
+    rows = db.session.execute(
+        _delivery_rows()
+        .where(
+            Delivery.batch_id == batch_id,
+            Delivery.status == DeliveryStatus.QUEUED,
+            (Delivery.not_before.is_(None)) | (Delivery.not_before <= func.now()),
+        )
+        .order_by(Delivery.id)
+        .limit(limit)
+        .with_for_update(of=Delivery, skip_locked=True)
+    ).all()
+    if not rows:
+        db.session.commit()
+        return 0, 0
+    messages, rendered, failures = _render_all(rows, context, {})
+    now = datetime.now(UTC)
+    org_id = context.organization_id
+    counters: list[CounterRow] = []
+    if messages:
+        ids = [m.delivery_id for m in messages]
+        returned = db.session.execute(
+            text(
+                "WITH changed AS ("
+                " UPDATE deliveries AS d SET status = 'sent', sent_at = :now, updated_at = :now,"
+                " attempts = d.attempts + 1, provider_id = :provider, rendered = v.rendered,"
+                " error = NULL"
+                " FROM ROWS FROM (unnest(CAST(:ids AS bigint[])),"
+                " jsonb_array_elements(CAST(:rendered AS jsonb))) AS v(id, rendered)"
+                " WHERE d.id = v.id"
+                " RETURNING d.organization_id, d.campaign_id, d.template_id, d.channel)"
+                " SELECT organization_id, campaign_id, template_id, channel, count(*)"
+                " FROM changed GROUP BY organization_id, campaign_id, template_id, channel"
+            ),
+            {
+                "now": now,
+                "provider": provider_id,
+                "ids": "{" + ",".join(map(str, ids)) + "}",
+                "rendered": json.dumps([rendered[i] for i in ids], separators=(",", ":")),
+            },
+        ).all()
+        counters += _counted(returned, org_id, "sent", now)
+    if failures:
+        returned = db.session.execute(
+            text(
+                "WITH changed AS ("
+                " UPDATE deliveries AS d SET status = 'failed', failed_at = :now,"
+                " updated_at = :now, attempts = d.attempts + 1, error = v.error"
+                " FROM unnest(CAST(:ids AS bigint[]), CAST(:errors AS text[])) AS v(id, error)"
+                " WHERE d.id = v.id"
+                " RETURNING d.organization_id, d.campaign_id, d.template_id, d.channel)"
+                " SELECT organization_id, campaign_id, template_id, channel, count(*)"
+                " FROM changed GROUP BY organization_id, campaign_id, template_id, channel"
+            ),
+            {
+                "now": now,
+                "ids": [f.delivery_id for f in failures],
+                "errors": [f.error or "failed" for f in failures],
+            },
+        ).all()
+        counters += _counted(returned, org_id, "failed", now)
+    _heartbeat(batch_id)
+    bump_counters(counters)  # last: the counter rows stay locked only until the commit
+    db.session.commit()
+    if messages:
+        # Stored and committed: a publish that fails only delays the item to the next fetch.
+        with provider_class(ProviderKind.IN_APP)({}, {}, redis=get_redis()) as impl:
+            missed = [r for r in impl.send_batch(messages) if not r.ok]
+        if missed:
+            log.warning(
+                "batch %s: %d in-app items stored but not pushed live: %s",
+                batch_id,
+                len(missed),
+                missed[0].error,
+            )
+    return len(rows), len(messages)
+
+
+def _counted(rows: Any, org_id: int, metric: str, at: datetime) -> list[CounterRow]:
+    """Counter increments from an UPDATE's (organization, campaign, template, channel, n).
+
+    Raises:
+        TenantScopeError: a row of another organization was changed (rolls back the chunk).
+    """
+    counters = []
+    for row_org, campaign_id, template_id, channel, count in rows:
+        if row_org != org_id:
+            raise TenantScopeError(f"a chunk of organization {org_id} reached another's rows")
+        counters.append(CounterRow(campaign_id, template_id, channel, metric, at, count))
+    return counters
+
+
+def _lock_still_sending(ids: list[int], org_id: int) -> set[int]:
+    """Lock the claimed deliveries still ``sending`` (the sweeper may have settled some)."""
+    if not ids:
+        return set()
+    return set(
+        db.session.scalars(
+            text(
+                # IS NOT DISTINCT FROM: PostgreSQL cannot use an index for it, so the rows are
+                # found by primary key, never by walking the tenant's or the status's index.
+                "SELECT d.id FROM deliveries AS d WHERE d.id = ANY(CAST(:ids AS bigint[]))"
+                " AND (d.organization_id, d.status)"
+                " IS NOT DISTINCT FROM (CAST(:org AS bigint), 'sending')"
+                " FOR UPDATE"
+            ),
+            {"ids": "{" + ",".join(map(str, ids)) + "}", "org": org_id},
+        )
+    )
+
+
+def _render_context(row: Any, context: ChannelContext, data: dict[str, Any]) -> dict[str, Any]:
     from whistle_web.tracking import links
 
     return {
@@ -228,27 +520,34 @@ def _render_context(row: Any, context: ChannelContext) -> dict[str, Any]:
             "timezone": row.timezone,
             "attributes": row.attributes or {},
         },
-        "data": row.data or {},
-        "organization": {"name": context.organization.name},
+        "data": data,
+        "organization": {"name": context.organization_name},
+        # An HMAC per delivery: only when a field of this channel reads it.
         "unsubscribe_url": links.unsubscribe_url(
             context.base_url,
             context.secret,
-            context.organization.id,
+            context.organization_id,
             row.recipient_id,
             row.id,
-        ),
+        )
+        if context.channel_template is None or context.channel_template.uses_unsubscribe_url
+        else "",
     }
 
 
 def _messages(
-    row: Any, content: dict[str, Any], context: ChannelContext, devices: dict[int, list[Device]]
+    row: Any,
+    content: dict[str, Any],
+    context: ChannelContext,
+    devices: dict[int, list[Device]],
+    data: dict[str, Any],
 ) -> list[Message]:
     meta = {
-        "organization_id": context.organization.id,
+        "organization_id": context.organization_id,
         "recipient_id": row.recipient_id,
         "external_id": row.external_id,
         "notification_id": row.notification_id,
-        "data": row.data or {},
+        "data": data,
         "created_at": row.created_at.isoformat(),
     }
     channel = context.channel
@@ -281,7 +580,7 @@ def _messages(
             "notification_id": row.notification_id,
             "template": context.template.key,
             "recipient": {"external_id": row.external_id, "email": row.email, "phone": row.phone},
-            "data": row.data or {},
+            "data": data,
             "content": content,
         }
         return [Message(row.id, channel, "", {"payload": payload}, meta=meta)]
@@ -294,7 +593,7 @@ def _email_message(
     from whistle_web.tracking import links
 
     unsubscribe = links.unsubscribe_url(
-        context.base_url, context.secret, context.organization.id, row.recipient_id, row.id
+        context.base_url, context.secret, context.organization_id, row.recipient_id, row.id
     )
     body = dict(content)
     if body.get("html"):
@@ -305,7 +604,7 @@ def _email_message(
     domain = sender.rpartition("@")[2] or "whistle.invalid"
     headers = {
         # Stable per delivery: a receiving system can recognise a retry of the same message.
-        "Message-ID": f"<whistle.{context.organization.id}.{row.id}@{domain}>",
+        "Message-ID": f"<whistle.{context.organization_id}.{row.id}@{domain}>",
         "List-Unsubscribe": f"<{unsubscribe}>",
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
     }
@@ -422,12 +721,13 @@ def _record(
     attempts: dict[int, int],
     context: ChannelContext,
 ) -> None:
-    """Write every outcome in three set-based statements, and count them in the funnels."""
+    """Lock what is still ours, write every outcome set-based, count them in the funnels."""
     now = datetime.now(UTC)
-    org_id = context.organization.id
+    org_id = context.organization_id
     merged = _per_delivery(outcomes)
+    still_sending = _lock_still_sending([o.result.delivery_id for o in merged], org_id)
     provider_of = {o.result.delivery_id: o.provider_id for o in merged}
-    results = [o.result for o in merged]
+    results = [o.result for o in merged if o.result.delivery_id in still_sending]
     sent = [r for r in results if r.ok]
     retry = [
         r
@@ -439,61 +739,71 @@ def _record(
     if sent:
         returned = db.session.execute(
             text(
-                "UPDATE deliveries AS d SET status = 'sent', sent_at = :now, updated_at = :now,"
+                "WITH changed AS ("
+                " UPDATE deliveries AS d SET status = 'sent', sent_at = :now, updated_at = :now,"
                 " provider_id = v.provider_id, provider_message_id = v.pmid,"
-                " rendered = CAST(v.rendered AS jsonb), error = NULL"
-                " FROM unnest(CAST(:ids AS bigint[]), CAST(:providers AS bigint[]),"
-                " CAST(:pmids AS text[]), CAST(:rendered AS text[]))"
+                " rendered = v.rendered, error = NULL"
+                " FROM ROWS FROM (unnest(CAST(:ids AS bigint[])),"
+                " unnest(CAST(:providers AS bigint[])), unnest(CAST(:pmids AS text[])),"
+                " jsonb_array_elements(CAST(:rendered AS jsonb)))"
                 " AS v(id, provider_id, pmid, rendered)"
-                " WHERE d.id = v.id AND d.organization_id = :org AND d.status = 'sending'"
-                " RETURNING d.campaign_id, d.template_id, d.channel"
+                " WHERE d.id = v.id"
+                " RETURNING d.organization_id, d.campaign_id, d.template_id, d.channel)"
+                " SELECT organization_id, campaign_id, template_id, channel, count(*)"
+                " FROM changed GROUP BY organization_id, campaign_id, template_id, channel"
             ),
             {
                 "now": now,
-                "org": org_id,
                 "ids": [r.delivery_id for r in sent],
                 "providers": [provider_of.get(r.delivery_id) for r in sent],
                 "pmids": [r.provider_message_id for r in sent],
-                "rendered": [json.dumps(rendered.get(r.delivery_id)) for r in sent],
+                "rendered": json.dumps([rendered.get(r.delivery_id) for r in sent]),
             },
         ).all()
-        counters += [CounterRow(c, t, ch, "sent", now) for c, t, ch in returned]
+        counters += _counted(returned, org_id, "sent", now)
     if failed:
         returned = db.session.execute(
             text(
-                "UPDATE deliveries AS d SET status = 'failed', failed_at = :now, updated_at = :now,"
-                " error = v.error, provider_id = COALESCE(v.provider_id, d.provider_id)"
+                "WITH changed AS ("
+                " UPDATE deliveries AS d SET status = 'failed', failed_at = :now,"
+                " updated_at = :now, error = v.error,"
+                " provider_id = COALESCE(v.provider_id, d.provider_id)"
                 " FROM unnest(CAST(:ids AS bigint[]), CAST(:errors AS text[]),"
                 " CAST(:providers AS bigint[])) AS v(id, error, provider_id)"
-                " WHERE d.id = v.id AND d.organization_id = :org AND d.status = 'sending'"
-                " RETURNING d.campaign_id, d.template_id, d.channel"
+                " WHERE d.id = v.id"
+                " RETURNING d.organization_id, d.campaign_id, d.template_id, d.channel)"
+                " SELECT organization_id, campaign_id, template_id, channel, count(*)"
+                " FROM changed GROUP BY organization_id, campaign_id, template_id, channel"
             ),
             {
                 "now": now,
-                "org": org_id,
                 "ids": [r.delivery_id for r in failed],
                 "errors": [_failure_text(r, attempts) for r in failed],
                 "providers": [provider_of.get(r.delivery_id) for r in failed],
             },
         ).all()
-        counters += [CounterRow(c, t, ch, "failed", now) for c, t, ch in returned]
+        counters += _counted(returned, org_id, "failed", now)
     if retry:
-        db.session.execute(
+        returned = db.session.execute(
             text(
-                "UPDATE deliveries AS d SET status = 'queued', updated_at = :now,"
+                "WITH changed AS ("
+                " UPDATE deliveries AS d SET status = 'queued', updated_at = :now,"
                 " error = v.error, not_before = v.not_before"
                 " FROM unnest(CAST(:ids AS bigint[]), CAST(:errors AS text[]),"
                 " CAST(:not_before AS timestamptz[])) AS v(id, error, not_before)"
-                " WHERE d.id = v.id AND d.organization_id = :org AND d.status = 'sending'"
+                " WHERE d.id = v.id"
+                " RETURNING d.organization_id, d.campaign_id, d.template_id, d.channel)"
+                " SELECT organization_id, campaign_id, template_id, channel, count(*)"
+                " FROM changed GROUP BY organization_id, campaign_id, template_id, channel"
             ),
             {
                 "now": now,
-                "org": org_id,
                 "ids": [r.delivery_id for r in retry],
                 "errors": [r.error for r in retry],
                 "not_before": [now + backoff(attempts.get(r.delivery_id, 1)) for r in retry],
             },
-        )
+        ).all()
+        _counted(returned, org_id, "queued", now)  # the tenant check only: nothing to count
     dead_devices = [
         o.message.meta["device_id"]
         for o in outcomes
@@ -517,16 +827,18 @@ def _failure_text(result: SendResult, attempts: dict[int, int]) -> str:
     return result.error or "failed"
 
 
-def _halted(request: SendRequest) -> str | None:
-    db.session.refresh(request, ["status"])
-    if request.status == SendRequestStatus.CANCELLED:
+def _halted(request_id: int) -> str | None:
+    """ "cancelled" or "paused" when the send request or its campaign stopped (one query)."""
+    request_status, campaign_status = db.session.execute(
+        select(SendRequest.status, Campaign.status)
+        .outerjoin(Campaign, Campaign.id == SendRequest.campaign_id)
+        .where(SendRequest.id == request_id)
+    ).one()
+    if request_status == SendRequestStatus.CANCELLED:
         return "cancelled"
-    if request.campaign_id is None:
-        return None
-    status = db.session.scalar(select(Campaign.status).where(Campaign.id == request.campaign_id))
-    if status == CampaignStatus.CANCELLED:
+    if campaign_status == CampaignStatus.CANCELLED:
         return "cancelled"
-    if status == CampaignStatus.PAUSED:
+    if campaign_status == CampaignStatus.PAUSED:
         return "paused"
     return None
 
@@ -565,6 +877,9 @@ def check_completion(send_request_id: int) -> None:
         SendRequestStatus.CANCELLED,
     ):
         return
+    if request.campaign_id is None:
+        return  # a trigger's request has nothing to close
+    # Called after every batch: the cheap check first, the scan of the ledger only at the end.
     open_batches = db.session.scalar(
         select(
             exists().where(
@@ -573,17 +888,22 @@ def check_completion(send_request_id: int) -> None:
             )
         )
     )
+    if open_batches:
+        return
     deferred = db.session.scalar(
         select(
             exists().where(
+                # Every delivery of a campaign run carries the campaign: lets the campaign index
+                # narrow the scan before the join to the run's notifications.
+                Delivery.campaign_id == request.campaign_id,
+                Delivery.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.SENDING]),
                 Delivery.notification_id.in_(
                     select(Notification.id).where(Notification.send_request_id == request.id)
                 ),
-                Delivery.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.SENDING]),
             )
         )
     )
-    if open_batches or deferred or request.campaign_id is None:
+    if deferred:
         return
     campaign = db.session.scalar(
         select(Campaign).where(Campaign.id == request.campaign_id).with_for_update()

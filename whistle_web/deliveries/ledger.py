@@ -45,13 +45,18 @@ LEDGER_EVENTS = {
 
 @dataclass(frozen=True)
 class CounterRow:
-    """One increment: a delivery of (campaign, template, channel) reached ``metric`` at ``at``."""
+    """``count`` deliveries of (campaign, template, channel) reached ``metric`` at ``at``.
+
+    Bulk writers pass one row per group with its count (from a ``GROUP BY`` over the rows
+    their statement changed) rather than one row per delivery.
+    """
 
     campaign_id: int | None
     template_id: int | None
     channel: Channel | str
     metric: str
     at: datetime
+    count: int = 1
 
 
 def bump_counters(rows: Iterable[CounterRow]) -> None:
@@ -59,13 +64,15 @@ def bump_counters(rows: Iterable[CounterRow]) -> None:
     org_id = require_organization_id()
     totals: Counter[tuple[StatScope, int, str, str, datetime]] = Counter()
     for row in rows:
+        if row.count <= 0:
+            continue
         bucket = row.at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
         channel = Channel(row.channel).value
-        totals[(StatScope.ORGANIZATION, org_id, channel, row.metric, bucket)] += 1
+        totals[(StatScope.ORGANIZATION, org_id, channel, row.metric, bucket)] += row.count
         if row.campaign_id is not None:
-            totals[(StatScope.CAMPAIGN, row.campaign_id, channel, row.metric, bucket)] += 1
+            totals[(StatScope.CAMPAIGN, row.campaign_id, channel, row.metric, bucket)] += row.count
         if row.template_id is not None:
-            totals[(StatScope.TEMPLATE, row.template_id, channel, row.metric, bucket)] += 1
+            totals[(StatScope.TEMPLATE, row.template_id, channel, row.metric, bucket)] += row.count
     if not totals:
         return
     values = [

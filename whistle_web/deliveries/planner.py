@@ -13,14 +13,16 @@ dies mid-way resumes exactly where the last committed batch ended.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import func, select, true
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import BigInteger, Text, any_, cast, func, literal, select, text, true
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from whistle_web.audiences.models import Segment, Subscription
 from whistle_web.audiences.segments import compile_rules
@@ -31,12 +33,25 @@ from whistle_web.deliveries.models import Delivery, DeliveryBatch
 from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause
 from whistle_web.extensions import db
 from whistle_web.message_templates.models import Template, TemplateVersion
-from whistle_web.notifications.models import Notification, SendRequest, SendRequestStatus
+from whistle_web.notifications.models import SendRequest, SendRequestStatus
 from whistle_web.organizations.models import Organization
 from whistle_web.preferences.models import Category, Preference, Suppression
 from whistle_web.recipients.models import Device, Recipient
+from whistle_web.tenancy import require_organization_id
 
-BATCH_SIZE = 1000
+# Recipients per planner transaction, and so deliveries per channel job. Big enough that the
+# per-batch work (look-ups, the commit, the enqueue, a job) is small next to the per-row
+# work; small enough that a pause or a crash costs little.
+BATCH_SIZE = 5000
+# At most this many deliveries per channel job for channels that wait on a provider for every
+# message, so that several workers share a send of a few thousand; in-app (no round trip per
+# message) takes a whole planner batch in one job.
+CHANNEL_BATCH_SIZE = {
+    Channel.EMAIL: 1000,
+    Channel.SMS: 1000,
+    Channel.PUSH: 1000,
+    Channel.WEBHOOK: 500,
+}
 ADDRESSED = {Channel.EMAIL: "email", Channel.SMS: "phone"}
 PrefKey = tuple[int | None, str | None]  # (category id or None, channel or None)
 
@@ -82,11 +97,80 @@ def resolve_channels(
     return available
 
 
-def next_batch_ids(request: SendRequest, condition: Any, limit: int = BATCH_SIZE) -> list[int]:
-    stmt = select(Recipient.id).where(Recipient.id > request.cursor_recipient_id, condition)
+def id_array(ids: Iterable[int]) -> Any:
+    """Ids as one array parameter, for ``col == any_(id_array(ids))``.
+
+    Thousands of ``IN`` parameters cost more to render and bind than the query costs to run.
+    """
+    return cast(literal("{" + ",".join(map(str, ids)) + "}", Text), ARRAY(BigInteger))
+
+
+def text_array(values: Iterable[Any]) -> str:
+    """A PostgreSQL array literal of text (NULL for None), to bind as one parameter."""
+    return (
+        "{"
+        + ",".join(
+            "NULL" if v is None else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for v in values
+        )
+        + "}"
+    )
+
+
+# Notifications and deliveries of one batch in one statement: the arrays are bound once,
+# notifications already planned by an earlier run of this batch are skipped (and so are their
+# deliveries), and what was written comes back aggregated for the counters and batch sizes.
+_INSERT_BATCH = text(
+    """
+WITH n AS (
+    INSERT INTO notifications
+        (organization_id, send_request_id, campaign_id, template_id, category_id,
+         recipient_id, data)
+    SELECT :org, :request, :campaign, :template, :category, r.id, CAST(:data AS jsonb)
+    FROM unnest(CAST(:recipients AS bigint[])) AS r(id)
+    ON CONFLICT (send_request_id, recipient_id) DO NOTHING
+    RETURNING id, recipient_id
+), d AS (
+    INSERT INTO deliveries
+        (organization_id, notification_id, recipient_id, campaign_id, template_id, batch_id,
+         channel, status, suppression_reason, address, not_before)
+    SELECT :org, n.id, v.recipient_id, :campaign, :template, v.batch_id,
+           v.channel, v.status, v.reason, v.address, v.not_before
+    FROM unnest(
+        CAST(:d_recipients AS bigint[]),
+        CAST(:d_channels AS text[]),
+        CAST(:d_statuses AS text[]),
+        CAST(:d_reasons AS text[]),
+        CAST(:d_addresses AS text[]),
+        CAST(:d_not_before AS timestamptz[]),
+        CAST(:d_batches AS bigint[])
+    ) WITH ORDINALITY AS v(recipient_id, channel, status, reason, address, not_before,
+                           batch_id, ord)
+    JOIN n ON n.recipient_id = v.recipient_id
+    ORDER BY v.ord
+    RETURNING channel, status, suppression_reason, batch_id
+)
+SELECT channel, status, suppression_reason, batch_id, count(*) FROM d GROUP BY 1, 2, 3, 4
+"""
+)
+# What the rules need of each recipient.
+PLANNING_COLUMNS = (
+    Recipient.id,
+    Recipient.email,
+    Recipient.phone,
+    Recipient.timezone,
+    Recipient.unsubscribed_at,
+    Recipient.quiet_hours_start,
+    Recipient.quiet_hours_end,
+)
+
+
+def next_batch(request: SendRequest, condition: Any, limit: int = BATCH_SIZE) -> list[Any]:
+    """The next recipients after the cursor (with what the rules need), in id order."""
+    stmt = select(*PLANNING_COLUMNS).where(Recipient.id > request.cursor_recipient_id, condition)
     if request.max_recipient_id is not None:
         stmt = stmt.where(Recipient.id <= request.max_recipient_id)
-    return list(db.session.scalars(stmt.order_by(Recipient.id).limit(limit)))
+    return list(db.session.execute(stmt.order_by(Recipient.id).limit(limit)))
 
 
 class Planner:
@@ -112,81 +196,128 @@ class Planner:
     def plan_batch(self, recipient_ids: list[int]) -> PlannedBatch:
         """Write notifications, deliveries and channel batches for these recipients."""
         recipients = db.session.execute(
-            select(
-                Recipient.id,
-                Recipient.email,
-                Recipient.phone,
-                Recipient.timezone,
-                Recipient.unsubscribed_at,
-                Recipient.quiet_hours_start,
-                Recipient.quiet_hours_end,
-            ).where(Recipient.id.in_(recipient_ids))
+            select(*PLANNING_COLUMNS)
+            .where(Recipient.id == any_(id_array(recipient_ids)))
+            .order_by(Recipient.id)
         ).all()
+        return self.plan_recipients(recipients)
+
+    def plan_recipients(self, recipients: Sequence[Any]) -> PlannedBatch:
+        """Plan recipient rows (``PLANNING_COLUMNS``): one statement writes everything."""
+        if not recipients:
+            return PlannedBatch([], 0)
+        recipient_ids = [r.id for r in recipients]
         disabled = self._disabled_preferences(recipient_ids)
         suppressed = self._suppressed_addresses(recipients)
         with_device = self._recipients_with_devices(recipient_ids)
         sent_today = self._sent_today(recipient_ids)
 
-        notification_ids = self._insert_notifications([r.id for r in recipients])
-        batches: dict[Channel, DeliveryBatch] = {}
-        rows: list[dict[str, Any]] = []
-        counters: list[CounterRow] = []
-        campaign_id, template_id = self.request.campaign_id, self.request.template_id
+        # One entry per delivery, column by column (bound as arrays).
+        d_recipients: list[int] = []
+        d_channels: list[str] = []
+        d_statuses: list[str] = []
+        d_reasons: list[str | None] = []
+        d_addresses: list[str | None] = []
+        d_not_before: list[str | None] = []
+        d_batched: list[tuple[Channel, int] | None] = []  # (channel, job number)
+        batched: Counter[Channel] = Counter()
+        job_size = {c: CHANNEL_BATCH_SIZE.get(c, BATCH_SIZE) for c in self.channels}
+        addressed = [(c, ADDRESSED.get(c)) for c in self.channels]
+        queued, suppressed_status = DeliveryStatus.QUEUED.value, DeliveryStatus.SUPPRESSED.value
         for recipient in recipients:
-            notification_id = notification_ids.get(recipient.id)
-            if notification_id is None:
-                continue  # planned by an earlier run of this batch
-            for channel in self.channels:
+            not_before: datetime | None = None
+            timed = False  # _not_before is computed once per recipient, when first needed
+            for channel, field_name in addressed:
                 reason = self._suppression(
                     recipient, channel, disabled, suppressed, with_device, sent_today
                 )
-                counters.append(CounterRow(campaign_id, template_id, channel, "targeted", self.now))
-                row = {
-                    "organization_id": self.request.organization_id,
-                    "notification_id": notification_id,
-                    "recipient_id": recipient.id,
-                    "campaign_id": campaign_id,
-                    "template_id": template_id,
-                    "channel": channel,
-                    "address": getattr(recipient, ADDRESSED[channel])
-                    if channel in ADDRESSED
-                    else None,
-                }
+                d_recipients.append(recipient.id)
+                d_channels.append(channel.value)
+                d_addresses.append(getattr(recipient, field_name) if field_name else None)
                 if reason is not None:
-                    row.update(status=DeliveryStatus.SUPPRESSED, suppression_reason=reason)
-                    counters += [
-                        CounterRow(campaign_id, template_id, channel, "suppressed", self.now),
-                        CounterRow(
-                            campaign_id, template_id, channel, f"suppressed:{reason}", self.now
-                        ),
-                    ]
+                    d_statuses.append(suppressed_status)
+                    d_reasons.append(reason.value)
+                    d_not_before.append(None)
+                    d_batched.append(None)
+                    continue
+                if not timed:
+                    not_before, timed = self._not_before(recipient), True
+                d_statuses.append(queued)
+                d_reasons.append(None)
+                if not_before is None:
+                    d_not_before.append(None)
+                    d_batched.append((channel, batched[channel] // job_size[channel]))
+                    batched[channel] += 1
                 else:
-                    row["status"] = DeliveryStatus.QUEUED
-                    counters.append(
-                        CounterRow(campaign_id, template_id, channel, "queued", self.now)
+                    d_not_before.append(not_before.isoformat())
+                    d_batched.append(None)
+
+        batches: dict[tuple[Channel, int], DeliveryBatch] = {}
+        for channel, count in batched.items():
+            size = job_size[channel]
+            for number in range((count + size - 1) // size):
+                batches[(channel, number)] = DeliveryBatch(
+                    send_request_id=self.request.id,
+                    channel=channel,
+                    size=min(size, count - number * size),
+                )
+                db.session.add(batches[(channel, number)])
+        if batches:
+            db.session.flush()  # batch ids
+        batch_of = {key: str(b.id) for key, b in batches.items()}
+        category_id = self.category.id if self.category else None
+        written = db.session.execute(
+            _INSERT_BATCH,
+            {
+                "org": require_organization_id(),
+                "request": self.request.id,
+                "campaign": self.request.campaign_id,
+                "template": self.request.template_id,
+                "category": category_id,
+                "data": json.dumps(self.request.data or {}),
+                "recipients": "{" + ",".join(map(str, recipient_ids)) + "}",
+                "d_recipients": "{" + ",".join(map(str, d_recipients)) + "}",
+                "d_channels": "{" + ",".join(d_channels) + "}",
+                "d_statuses": "{" + ",".join(d_statuses) + "}",
+                "d_reasons": "{" + ",".join(r or "NULL" for r in d_reasons) + "}",
+                "d_addresses": text_array(d_addresses),
+                "d_not_before": "{" + ",".join(t or "NULL" for t in d_not_before) + "}",
+                "d_batches": "{" + ",".join(batch_of[k] if k else "NULL" for k in d_batched) + "}",
+            },
+        ).all()
+
+        counters: list[CounterRow] = []
+        sizes: Counter[int] = Counter()
+        campaign_id, template_id = self.request.campaign_id, self.request.template_id
+        for channel, status, reason, batch_id, count in written:
+            row = CounterRow(campaign_id, template_id, channel, "targeted", self.now, count)
+            counters.append(row)
+            if status == suppressed_status:
+                counters.append(
+                    CounterRow(campaign_id, template_id, channel, "suppressed", self.now, count)
+                )
+                counters.append(
+                    CounterRow(
+                        campaign_id, template_id, channel, f"suppressed:{reason}", self.now, count
                     )
-                    not_before = self._not_before(recipient)
-                    row["not_before"] = not_before
-                    if not_before is None:
-                        if channel not in batches:
-                            batches[channel] = DeliveryBatch(
-                                send_request_id=self.request.id, channel=channel
-                            )
-                            db.session.add(batches[channel])
-                        row["batch"] = batches[channel]
-                rows.append(row)
-        db.session.flush()  # batch ids
-        for row in rows:
-            batch = row.pop("batch", None)
-            row["batch_id"] = batch.id if batch is not None else None
-            row.setdefault("not_before", None)
-            row.setdefault("suppression_reason", None)
+                )
+            else:
+                counters.append(
+                    CounterRow(campaign_id, template_id, channel, "queued", self.now, count)
+                )
+            if batch_id is not None:
+                sizes[batch_id] += count
+        created = []
         for batch in batches.values():
-            batch.size = sum(1 for r in rows if r["batch_id"] == batch.id)
-        if rows:
-            db.session.execute(insert(Delivery), rows)
+            size = sizes.get(batch.id, 0)
+            if size == 0:  # everything in it was planned by an earlier run of this batch
+                db.session.delete(batch)
+                continue
+            if size != batch.size:
+                batch.size = size
+            created.append(batch.id)
         bump_counters(counters)
-        return PlannedBatch([b.id for b in batches.values()], len(recipients))
+        return PlannedBatch(created, len(recipients))
 
     # --- rules ------------------------------------------------------------------------
     def _suppression(
@@ -231,13 +362,16 @@ class Planner:
 
     def _not_before(self, recipient: Any) -> datetime | None:
         """When a delivery may go: local send time, then quiet hours (never for critical)."""
+        quiet = not self.critical and recipient.quiet_hours_start and recipient.quiet_hours_end
+        if self.request.local_send_time is None and not quiet:
+            return None
         zone = _zone(recipient.timezone)
         at: datetime | None = None
         if self.request.local_send_time is not None:
             at = next_local_time(
                 max(self.now, self.request.send_at), self.request.local_send_time, zone
             )
-        if not self.critical and recipient.quiet_hours_start and recipient.quiet_hours_end:
+        if quiet:
             end = quiet_hours_end(
                 at or self.now, recipient.quiet_hours_start, recipient.quiet_hours_end, zone
             )
@@ -255,7 +389,7 @@ class Planner:
                 Preference.channel,
                 Preference.enabled,
             )
-            .where(Preference.recipient_id.in_(ids))
+            .where(Preference.recipient_id == any_(id_array(ids)))
             .where((Preference.category_id.is_(None)) | (Preference.category_id == category_id))
         ).all()
         prefs: dict[int, dict[PrefKey, bool]] = defaultdict(dict)
@@ -274,7 +408,7 @@ class Planner:
             return set()
         rows = db.session.execute(
             select(Suppression.channel, Suppression.address).where(
-                Suppression.address.in_(addresses)
+                Suppression.address == any_(cast(literal(text_array(addresses), Text), ARRAY(Text)))
             )
         ).all()
         return {(channel.value, address) for channel, address in rows}
@@ -285,7 +419,7 @@ class Planner:
         return set(
             db.session.scalars(
                 select(Device.recipient_id)
-                .where(Device.recipient_id.in_(ids), Device.disabled_at.is_(None))
+                .where(Device.recipient_id == any_(id_array(ids)), Device.disabled_at.is_(None))
                 .distinct()
             )
         )
@@ -296,38 +430,13 @@ class Planner:
         rows = db.session.execute(
             select(Delivery.recipient_id, Delivery.channel, func.count())
             .where(
-                Delivery.recipient_id.in_(ids),
+                Delivery.recipient_id == any_(id_array(ids)),
                 Delivery.created_at > self.now - timedelta(days=1),
                 Delivery.status.not_in([DeliveryStatus.SUPPRESSED, DeliveryStatus.CANCELLED]),
             )
             .group_by(Delivery.recipient_id, Delivery.channel)
         ).all()
         return {(rid, channel.value): n for rid, channel, n in rows}
-
-    def _insert_notifications(self, recipient_ids: list[int]) -> dict[int, int]:
-        if not recipient_ids:
-            return {}
-        category_id = self.category.id if self.category else None
-        stmt = (
-            insert(Notification)
-            .values(
-                [
-                    {
-                        "organization_id": self.request.organization_id,
-                        "send_request_id": self.request.id,
-                        "campaign_id": self.request.campaign_id,
-                        "template_id": self.request.template_id,
-                        "category_id": category_id,
-                        "recipient_id": rid,
-                        "data": self.request.data,
-                    }
-                    for rid in recipient_ids
-                ]
-            )
-            .on_conflict_do_nothing(index_elements=["send_request_id", "recipient_id"])
-            .returning(Notification.recipient_id, Notification.id)
-        )
-        return dict(db.session.execute(stmt).all())
 
 
 def _zone(name: str | None) -> ZoneInfo:
@@ -386,14 +495,14 @@ def plan(
         if _campaign_halted(request):
             db.session.commit()
             return created
-        ids = next_batch_ids(request, planner.condition, batch_size or BATCH_SIZE)
-        if not ids:
+        recipients = next_batch(request, planner.condition, batch_size or BATCH_SIZE)
+        if not recipients:
             request.status = SendRequestStatus.PLANNED
             request.planned_at = datetime.now(UTC)
             db.session.commit()
             return created
-        result = planner.plan_batch(ids)
-        request.cursor_recipient_id = ids[-1]
+        result = planner.plan_recipients(recipients)
+        request.cursor_recipient_id = recipients[-1].id
         request.planned_count += result.recipients
         request.heartbeat_at = datetime.now(UTC)
         db.session.commit()
