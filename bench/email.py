@@ -48,7 +48,6 @@ from collections import Counter  # noqa: E402
 from typing import Any  # noqa: E402
 
 from bench.broadcast import (  # noqa: E402
-    DEFAULT_DATABASE_URL,
     DEFAULT_REDIS_URL,
     Workers,
     bench_app,
@@ -63,6 +62,7 @@ from bench.broadcast import (  # noqa: E402
     wait_until_quiet,
 )
 
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/whistle_bench_email"
 EMAIL_CONTENT = {
     "email": {
         "subject": "News for {{ recipient.name or 'you' }}",

@@ -9,16 +9,26 @@ Measures the same queries with the scope applied (the normal path) and marked
 
 from __future__ import annotations
 
-import statistics
-import time
+import sys
+from pathlib import Path
 
-from sqlalchemy import func, select
+ROOT = Path(__file__).resolve().parent.parent
+# ``python bench/tenancy.py`` puts bench/ first on sys.path, where bench/email.py would shadow
+# the standard library's email package: look modules up from the project root instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from whistle_web import create_app
-from whistle_web.extensions import db
-from whistle_web.models import Recipient
-from whistle_web.organizations.services import create_organization
-from whistle_web.tenancy import organization_scope, unscoped
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+from sqlalchemy import func, select  # noqa: E402
+
+from whistle_web import create_app  # noqa: E402
+from whistle_web.extensions import db  # noqa: E402
+from whistle_web.models import Recipient  # noqa: E402
+from whistle_web.organizations.services import create_organization  # noqa: E402
+from whistle_web.tenancy import organization_scope, unscoped  # noqa: E402
 
 ROWS = 5_000
 ROUNDS = 5

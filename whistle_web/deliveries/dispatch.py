@@ -52,8 +52,8 @@ CHUNK_SIZE = {
     Channel.EMAIL: 100,
     Channel.SMS: 100,
     Channel.PUSH: 200,
-    # One statement locks, one marks sent, one pipeline publishes: bigger is cheaper, and a
-    # pause still stops within one chunk.
+    # One statement locks, one marks sent, one script call per 1,000 publishes: bigger is
+    # cheaper, and a pause still stops within one chunk.
     Channel.IN_APP: 2500,
     Channel.WEBHOOK: 50,
 }
