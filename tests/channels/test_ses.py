@@ -10,8 +10,8 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 
+from tests.moto_server import moto_server
 from whistle_web.channels.base import Message, ProviderUnavailable, provider_class
 from whistle_web.channels.kinds import Channel
 from whistle_web.channels.ses import SesProvider, _transient
@@ -28,25 +28,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def moto_url() -> Iterator[str]:
-    with pytest.MonkeyPatch.context() as mp:
-        # Keep boto3 away from real credentials, config files and the metadata service.
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_SESSION_TOKEN": "testing",
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }.items():
-            mp.setenv(name, value)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
+    with moto_server(REGION) as url:
+        yield url
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ from typing import Any
 
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 
 from tests.channels.http_server import RecordingServer, recording_server_fixture, unused_port
+from tests.moto_server import moto_server
 from whistle_web.channels import sns as sns_module
 from whistle_web.channels.base import Message, ProviderUnavailable, SendResult, provider_class
 from whistle_web.channels.kinds import Channel
@@ -36,15 +36,8 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
 
 @pytest.fixture(scope="module")
 def moto_url() -> Iterator[str]:
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        moto.stop()
-        # stop() leaves the listening socket open (a ResourceWarning): close it.
-        moto._server.server_close()  # type: ignore[union-attr]
+    with moto_server("us-east-1") as url:
+        yield url
 
 
 @pytest.fixture
