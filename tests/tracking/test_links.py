@@ -50,6 +50,28 @@ def test_open_and_unsubscribe_round_trip():
     assert payload is not None and payload.delivery_id is None and payload.recipient_id == 99
 
 
+def test_preferences_link_round_trip():
+    url = links.preferences_url(BASE + "/", SECRET, 7, 99)
+    assert url.startswith(f"{BASE}/p/")
+    token = token_of(url, "/p/")
+    assert links.verify_preferences(token, secret=SECRET) == (
+        links.LinkPayload("preferences", 7, recipient_id=99)
+    )
+    # Same shape as an open payload, but each purpose has its own key.
+    assert links.verify_open(token, secret=SECRET) is None
+    assert links.verify_unsubscribe(token, secret=SECRET) is None
+    open_token = token_of(
+        links.open_pixel_url(BASE, SECRET, 99, organization_id=7), "/t/o/", ".gif"
+    )
+    assert links.verify_preferences(open_token, secret=SECRET) is None
+    assert links.verify_preferences(flip(token, 3), secret=SECRET) is None
+    for payload in ([7], [0, 99], [7, 99, None], [7, True], ["7", 99]):
+        signed = links.sign(SECRET, links.PREFERENCES, payload)
+        assert links.verify_preferences(signed, secret=SECRET) is None
+    with pytest.raises(ValueError):
+        links.preferences_url(BASE, SECRET, 7, 0)
+
+
 def test_tokens_are_compact_and_url_safe():
     token = token_of(links.open_pixel_url(BASE, SECRET, 123456, organization_id=789), "/t/o/")
     assert re.fullmatch(r"[A-Za-z0-9_.-]+", token)

@@ -1,4 +1,4 @@
-"""Signed tracking links: click redirects, the open pixel and unsubscribe pages.
+"""Signed tracking links: click redirects, the open pixel, unsubscribe and preference pages.
 
 No Flask here: callers pass the signing secret (the app's ``SECRET_KEY``) and the public base
 URL (``WHISTLE_BASE_URL``), so the send pipeline, workers and tests build the same links.
@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 CLICK = "click"
 OPEN = "open"
 UNSUBSCRIBE = "unsubscribe"
-PURPOSES = (CLICK, OPEN, UNSUBSCRIBE)
+PREFERENCES = "preferences"
+PURPOSES = (CLICK, OPEN, UNSUBSCRIBE, PREFERENCES)
 
 MAC_BYTES = 16
 # Far above any real link; refuses absurd input before decoding it.
@@ -121,6 +122,10 @@ def verify(token: str, purpose: str, *, secret: str | bytes) -> LinkPayload | No
         if len(payload) != 2 or not (_is_id(payload[0]) and _is_id(payload[1])):
             return None
         return LinkPayload(OPEN, payload[0], delivery_id=payload[1])
+    if purpose == PREFERENCES:
+        if len(payload) != 2 or not (_is_id(payload[0]) and _is_id(payload[1])):
+            return None
+        return LinkPayload(PREFERENCES, payload[0], recipient_id=payload[1])
     # UNSUBSCRIBE
     if len(payload) != 3 or not (_is_id(payload[0]) and _is_id(payload[1])):
         return None
@@ -139,6 +144,10 @@ def verify_open(token: str, *, secret: str | bytes) -> LinkPayload | None:
 
 def verify_unsubscribe(token: str, *, secret: str | bytes) -> LinkPayload | None:
     return verify(token, UNSUBSCRIBE, secret=secret)
+
+
+def verify_preferences(token: str, *, secret: str | bytes) -> LinkPayload | None:
+    return verify(token, PREFERENCES, secret=secret)
 
 
 def _organization(organization_id: int | None, delivery_id: int) -> int:
@@ -201,6 +210,16 @@ def unsubscribe_url(
         raise ValueError("the delivery id must be a positive integer")
     token = sign(secret, UNSUBSCRIBE, [organization_id, recipient_id, delivery_id])
     return f"{base_url.rstrip('/')}/t/u/{token}"
+
+
+def preferences_url(
+    base_url: str, secret: str | bytes, organization_id: int, recipient_id: int
+) -> str:
+    """The hosted preference page of one recipient (linked from emails and the widget)."""
+    if not (_is_id(organization_id) and _is_id(recipient_id)):
+        raise ValueError("organization and recipient ids must be positive integers")
+    token = sign(secret, PREFERENCES, [organization_id, recipient_id])
+    return f"{base_url.rstrip('/')}/p/{token}"
 
 
 # An <a ...> start tag; quoted attribute values may contain ">".
