@@ -148,6 +148,10 @@ def test_sms_goes_through_twilio_and_its_callbacks_move_the_ledger(
         form = request.form()
         assert (form["Body"], form["From"]) == ("Code 4711", FROM_NUMBER)
         assert "MessagingServiceSid" not in form
+        # Receipts come back to the provider's signed callback endpoint by default.
+        assert form["StatusCallback"] == (
+            f"{app.config['WHISTLE_BASE_URL'].rstrip('/')}/hooks/twilio/{provider.id}"
+        )
         by_number[form["To"]] = request
     assert sorted(by_number) == ["+15555550101", "+15555550102"]
     # The same HTTP connection carried both messages of the batch.
@@ -218,14 +222,6 @@ def test_sms_goes_through_twilio_and_its_callbacks_move_the_ledger(
     assert again.suppression_reason == SuppressionCause.SUPPRESSION_LIST
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="whistle_web/deliveries/dispatch.py _record acts on SendResult.invalid_address only "
-    "for push devices: a number Twilio rejects at send time as invalid (21211, also 21614) "
-    "fails but is never suppressed, so every later trigger texts it again, while the same "
-    "code arriving in a status callback (tracking/views.py TWILIO_PERMANENT_ERRORS) "
-    "suppresses it as a hard bounce",
-)
 def test_a_number_twilio_calls_invalid_is_not_texted_again(
     org, make_template, make_recipient, server, jobs, statuses
 ):
@@ -246,9 +242,16 @@ def test_a_number_twilio_calls_invalid_is_not_texted_again(
     assert len(server.requests) == 1
 
     with organization_scope(org.id):
+        suppressed = [
+            (s.channel, s.address, s.reason) for s in db.session.scalars(select(Suppression))
+        ]
+    assert suppressed == [(Channel.SMS, "+15005550001", SuppressionReason.HARD_BOUNCE)]
+
+    with organization_scope(org.id):
         trigger("code", to=["bad"], channels=["sms"], data={"code": "2"}, actor=SYSTEM)
     jobs()
     assert len(server.requests) == 1
+    assert statuses() == {"failed": 1, "suppressed": 1}
     assert statuses() == {"failed": 1, "suppressed": 1}
 
 
@@ -353,9 +356,9 @@ def fcm_provider(org: Any, google: FakeGoogle, key: rsa.RSAPrivateKey) -> Provid
     )
 
 
-def add_device(org: Any, recipient: Any, token: str) -> Device:
+def add_device(org: Any, recipient: Any, token: str, kind: DeviceKind = DeviceKind.FCM) -> Device:
     with organization_scope(org.id):
-        device = Device(recipient_id=recipient.id, kind=DeviceKind.FCM, token=token)
+        device = Device(recipient_id=recipient.id, kind=kind, token=token)
         db.session.add(device)
         db.session.flush()
     return device
@@ -439,6 +442,27 @@ def test_push_goes_to_every_device_and_dead_tokens_are_disabled(
     assert by_recipient[one.id].status == S.SUPPRESSED
     assert by_recipient[one.id].suppression_reason == SuppressionCause.NO_ADDRESS
     assert_counters_match_ledger(org.id, StatScope.TEMPLATE, template.id)
+
+
+def test_a_device_no_push_provider_can_reach_is_no_address(
+    org, make_template, make_recipient, server, google, rsa_key, jobs, statuses
+):
+    make_template(org, "ping", CONTENT)
+    fcm_provider(org, google, rsa_key)
+    apple = make_recipient(org, "apple-only")
+    add_device(org, apple, "apns-token", DeviceKind.APNS)
+    android = make_recipient(org, "android")
+    add_device(org, android, "tok-android")
+    with organization_scope(org.id):
+        trigger("ping", to=["apple-only", "android"], channels=["push"], actor=SYSTEM)
+    jobs()
+
+    assert [r.json()["message"]["token"] for r in google.fcm_requests()] == ["tok-android"]
+    assert delivery_of(org, android).status == S.SENT
+    skipped = delivery_of(org, apple)
+    assert skipped.status == S.SUPPRESSED
+    assert skipped.suppression_reason == SuppressionCause.NO_ADDRESS
+    assert statuses() == {"sent": 1, "suppressed": 1}
 
 
 # --- webhooks ---------------------------------------------------------------------------------

@@ -148,6 +148,30 @@ def test_a_template_error_fails_only_that_delivery(
     assert [m["Subject"] for m in sink.messages] == ["PRO"]
 
 
+def test_a_runaway_template_fails_its_delivery_within_the_time_limit(
+    org, make_template, make_recipient, sink, jobs, statuses, monkeypatch
+):
+    from whistle_web.message_templates import rendering
+
+    monkeypatch.setattr(rendering, "RENDER_SECONDS", 0.2)
+    slow = (
+        "{% if recipient.attributes.slow %}{% for a in range(10000) %}"
+        "{% for b in range(10000) %}{% endfor %}{% endfor %}{% endif %}Hi"
+    )
+    make_template(org, "slow", {"email": {"subject": "Hello", "text": slow}})
+    smtp_provider(org, sink.port)
+    make_recipient(org, "slow", email="slow@example.com", attributes={"slow": True})
+    make_recipient(org, "fast", email="fast@example.com")
+    with organization_scope(org.id):
+        trigger("slow", to=["slow", "fast"], channels=["email"], actor=SYSTEM)
+    jobs()
+    assert statuses() == {"sent": 1, "failed": 1}
+    with organization_scope(org.id):
+        failed = db.session.scalar(select(Delivery).where(Delivery.status == DeliveryStatus.FAILED))
+    assert failed.error == "template error: email.text: rendering took longer than 0.2 s"
+    assert [m["To"] for m in sink.messages] == ["fast@example.com"]
+
+
 def test_the_sandbox_blocks_python_internals(
     org, make_template, make_recipient, sink, jobs, statuses
 ):

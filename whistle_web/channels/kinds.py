@@ -34,3 +34,6 @@ PROVIDER_CHANNEL = {
     ProviderKind.IN_APP: Channel.IN_APP,
     ProviderKind.WEBHOOK: Channel.WEBHOOK,
 }
+
+# The device kind each push provider kind delivers to (recipients.models.DeviceKind values).
+PUSH_DEVICE_KINDS = {ProviderKind.FCM: "fcm", ProviderKind.WEBPUSH: "webpush"}

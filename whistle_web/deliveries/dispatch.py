@@ -32,18 +32,25 @@ from sqlalchemy import Text, cast, exists, func, select, text, update
 from whistle_web import get_redis
 from whistle_web.campaigns.models import Campaign, CampaignStatus
 from whistle_web.channels.base import Message, ProviderUnavailable, SendResult, provider_class
-from whistle_web.channels.kinds import Channel, ProviderKind
+from whistle_web.channels.kinds import PUSH_DEVICE_KINDS, Channel, ProviderKind
 from whistle_web.channels.models import Provider
 from whistle_web.channels.ratelimit import bucket_for_provider
-from whistle_web.deliveries.ledger import CounterRow, bump_counters
+from whistle_web.deliveries.ledger import CounterRow, bump_counters, suppress_address
 from whistle_web.deliveries.models import BatchStatus, Delivery, DeliveryBatch
 from whistle_web.deliveries.status import DeliveryStatus
 from whistle_web.extensions import db
 from whistle_web.message_templates.models import Template, TemplateVersion
-from whistle_web.message_templates.rendering import CompiledContent, RenderError, compile_content
+from whistle_web.message_templates.rendering import (
+    CompiledContent,
+    RenderError,
+    RenderLimitExceeded,
+    compile_content,
+    limited_concat,
+)
 from whistle_web.notifications.models import Notification, SendRequest, SendRequestStatus
 from whistle_web.organizations.models import Organization
-from whistle_web.recipients.models import Device, DeviceKind, Recipient
+from whistle_web.preferences.models import SuppressionReason
+from whistle_web.recipients.models import Device, Recipient
 from whistle_web.tenancy import TenantScopeError
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,6 @@ CHUNK_SIZE = {
     Channel.WEBHOOK: 50,
 }
 MAX_ATTEMPTS = 5
-PUSH_DEVICE_KINDS = {ProviderKind.FCM: DeviceKind.FCM, ProviderKind.WEBPUSH: DeviceKind.WEBPUSH}
 
 
 # Bulk UPDATEs of a chunk join the deliveries to the chunk's values (``v``) on the primary key
@@ -119,7 +125,9 @@ class ChannelTemplate:
                     shared=True,
                     globals=self.template_globals,
                 )
-                content[name] = template.environment.concat(template.root_render_func(context))
+                content[name] = limited_concat(template.root_render_func(context))
+        except RenderLimitExceeded as error:
+            raise RenderError(f"{self.channel}.{name}: {error.message}") from error
         except Exception:  # rendered again below, to report the error as usual
             return self.compiled.render(self.channel, render_context)
         content.update(self.fixed)
@@ -564,11 +572,12 @@ def _messages(
                 channel,
                 device.token,
                 content,
+                # The device's own data (Web Push keys, APNs topic...) never overrides ours.
                 meta={
+                    **device.data,
                     **meta,
                     "device_id": device.id,
                     "device_kind": device.kind.value,
-                    **device.data,
                 },
             )
             for device in devices.get(row.recipient_id, [])
@@ -659,6 +668,12 @@ def _send(messages: list[Message], context: ChannelContext) -> list[Outcome]:
         settings = dict(provider.settings or {})
         if provider.kind == ProviderKind.WEBHOOK and context.allow_private_webhooks:
             settings.setdefault("allow_private_networks", True)
+        if provider.kind == ProviderKind.TWILIO and provider.id is not None:
+            # Delivery receipts come back to our signed-callback endpoint unless staff chose
+            # another URL in the provider's settings.
+            settings.setdefault(
+                "status_callback_url", f"{context.base_url.rstrip('/')}/hooks/twilio/{provider.id}"
+            )
         credentials = provider.get_credentials() if provider.id is not None else {}
         bucket = (
             bucket_for_provider(redis, provider.id, provider.rate_limit_per_second)
@@ -699,7 +714,7 @@ def _messages_for(
     if context.channel != Channel.PUSH:
         return pending
     kind = PUSH_DEVICE_KINDS.get(ProviderKind(provider.kind))
-    return [m for m in pending if kind is not None and m.meta.get("device_kind") == kind.value]
+    return [m for m in pending if kind is not None and m.meta.get("device_kind") == kind]
 
 
 def _per_delivery(outcomes: list[Outcome]) -> list[Outcome]:
@@ -817,6 +832,22 @@ def _record(
             .values(disabled_at=now)
             .execution_options(synchronize_session=False)
         )
+    # An address (not a device) the provider calls invalid, such as a phone number Twilio
+    # rejects with 21211, is a hard bounce: the same code in a status callback suppresses it.
+    for outcome in outcomes:
+        message = outcome.message
+        if (
+            outcome.result.invalid_address
+            and message is not None
+            and "device_id" not in message.meta
+            and outcome.result.delivery_id in still_sending
+        ):
+            suppress_address(
+                message.channel,
+                message.to,
+                SuppressionReason.HARD_BOUNCE,
+                delivery_id=outcome.result.delivery_id,
+            )
     bump_counters(counters)
     db.session.commit()
 

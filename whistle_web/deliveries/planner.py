@@ -27,7 +27,8 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from whistle_web.audiences.models import Segment, Subscription
 from whistle_web.audiences.segments import compile_rules
 from whistle_web.campaigns.models import Campaign, CampaignStatus
-from whistle_web.channels.kinds import Channel
+from whistle_web.channels.kinds import PUSH_DEVICE_KINDS, Channel
+from whistle_web.channels.models import Provider
 from whistle_web.deliveries.ledger import CounterRow, bump_counters
 from whistle_web.deliveries.models import Delivery, DeliveryBatch
 from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause
@@ -192,6 +193,7 @@ class Planner:
         cap = (organization.settings or {}).get("frequency_cap_per_day")
         self.frequency_cap = int(cap) if isinstance(cap, int) and cap > 0 else None
         self.condition = audience_condition(request)
+        self._push_device_kinds: set[str] | None = None  # loaded when first needed
 
     def plan_batch(self, recipient_ids: list[int]) -> PlannedBatch:
         """Write notifications, deliveries and channel batches for these recipients."""
@@ -414,15 +416,29 @@ class Planner:
         return {(channel.value, address) for channel, address in rows}
 
     def _recipients_with_devices(self, ids: list[int]) -> set[int]:
+        """Recipients with an active device that an enabled push provider can reach.
+
+        With no push provider at all, any device counts: the deliveries are queued and
+        fail with "no enabled push provider", which tells staff what to configure.
+        """
         if Channel.PUSH not in self.channels:
             return set()
-        return set(
-            db.session.scalars(
-                select(Device.recipient_id)
-                .where(Device.recipient_id == any_(id_array(ids)), Device.disabled_at.is_(None))
-                .distinct()
-            )
+        if self._push_device_kinds is None:
+            self._push_device_kinds = {
+                PUSH_DEVICE_KINDS[kind]
+                for kind in db.session.scalars(
+                    select(Provider.kind).where(
+                        Provider.channel == Channel.PUSH, Provider.enabled.is_(True)
+                    )
+                )
+                if kind in PUSH_DEVICE_KINDS
+            }
+        query = select(Device.recipient_id).where(
+            Device.recipient_id == any_(id_array(ids)), Device.disabled_at.is_(None)
         )
+        if self._push_device_kinds:
+            query = query.where(Device.kind.in_(self._push_device_kinds))
+        return set(db.session.scalars(query.distinct()))
 
     def _sent_today(self, ids: list[int]) -> dict[tuple[int, str], int]:
         if self.frequency_cap is None or self.critical:

@@ -8,6 +8,9 @@ render fails only the delivery it was rendering, with Jinja's message and line.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +25,71 @@ def _finalize(value: Any) -> Any:
     return "" if value is None else value
 
 
-_text_env = ImmutableSandboxedEnvironment(autoescape=False, undefined=Undefined, finalize=_finalize)
-_html_env = ImmutableSandboxedEnvironment(autoescape=True, undefined=Undefined, finalize=_finalize)
-for _env in (_text_env, _html_env):
-    _env.policies["truncate.leeway"] = 0
+# Limits per rendered field: a template is staff input, and one slow or huge field must not
+# hold a worker (the delivery fails with a message instead).
+RENDER_SECONDS = 2.0
+MAX_OUTPUT_CHARS = 1_000_000
+MAX_RANGE = 10_000
+_deadline: ContextVar[float | None] = ContextVar("render_deadline", default=None)
+
+
+class RenderLimitExceeded(TemplateError):
+    """A field took too long or grew too large."""
+
+
+def _check_deadline() -> None:
+    deadline = _deadline.get()
+    if deadline is not None and time.monotonic() > deadline:
+        raise RenderLimitExceeded(f"rendering took longer than {RENDER_SECONDS:g} s")
+
+
+def _limited_range(*args: int) -> Iterator[int]:
+    """``range`` for templates: at most MAX_RANGE items, and it watches the clock."""
+    numbers = range(*args)
+    if len(numbers) > MAX_RANGE:
+        raise RenderLimitExceeded(f"range() is limited to {MAX_RANGE:,} items")
+    for index, number in enumerate(numbers):
+        if index % 256 == 0:
+            _check_deadline()
+        yield number
+
+
+def _environment(*, autoescape: bool) -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        autoescape=autoescape, undefined=Undefined, finalize=_finalize
+    )
+    env.policies["truncate.leeway"] = 0
+    env.globals["range"] = _limited_range
+    return env
+
+
+_text_env = _environment(autoescape=False)
+_html_env = _environment(autoescape=True)
 
 
 class RenderError(Exception):
     """A template failed to compile or render; the message says where."""
+
+
+def limited_concat(parts: Iterable[str]) -> str:
+    """Join what a template yields, checking the clock and the size at every piece.
+
+    Raises:
+        RenderLimitExceeded: rendering took longer than RENDER_SECONDS or grew too large.
+    """
+    token = _deadline.set(time.monotonic() + RENDER_SECONDS)
+    try:
+        pieces: list[str] = []
+        size = 0
+        for part in parts:
+            size += len(part)
+            if size > MAX_OUTPUT_CHARS:
+                raise RenderLimitExceeded(f"output is larger than {MAX_OUTPUT_CHARS:,} characters")
+            _check_deadline()
+            pieces.append(part)
+        return "".join(pieces)
+    finally:
+        _deadline.reset(token)
 
 
 def _describe(error: TemplateError, channel: str, field_name: str) -> str:
@@ -57,7 +117,7 @@ class CompiledContent:
             if compiled is None:
                 continue
             try:
-                rendered[field_name] = compiled.render(context)
+                rendered[field_name] = limited_concat(compiled.generate(context))
             except TemplateError as error:
                 raise RenderError(_describe(error, channel, field_name)) from error
             except (TypeError, ValueError, ArithmeticError) as error:
