@@ -6,7 +6,17 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Identity, Index, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger,
+    ForeignKey,
+    Identity,
+    Index,
+    Sequence,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column, validates
 
 from whistle_web.channels.kinds import Channel
@@ -14,6 +24,11 @@ from whistle_web.db import str_enum
 from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause, can_transition
 from whistle_web.extensions import db
 from whistle_web.tenancy import TenantScoped
+
+# Inbox sequence numbers: one PostgreSQL sequence for every recipient, so a recipient's numbers
+# strictly increase without being dense. Drawn when an in-app delivery is sent and on each of
+# its state changes; the widget resumes with "everything after the last number I saw".
+INBOX_SEQ = Sequence("inbox_seq", metadata=db.metadata)
 
 
 class InvalidTransition(ValueError):
@@ -48,6 +63,13 @@ class Delivery(TenantScoped, db.Model):
             "ix_deliveries_not_before",
             "not_before",
             postgresql_where=text("status = 'queued' AND not_before IS NOT NULL"),
+        ),
+        # A recipient's inbox: resume after a sequence number, newest-first pages.
+        Index(
+            "ix_deliveries_inbox",
+            "recipient_id",
+            "inbox_seq",
+            postgresql_where=text("channel = 'in_app'"),
         ),
     )
 
@@ -88,6 +110,8 @@ class Delivery(TenantScoped, db.Model):
     read_at: Mapped[datetime | None]
     clicked_at: Mapped[datetime | None]
     archived_at: Mapped[datetime | None]
+    # In-app only: this item's latest inbox sequence number (see INBOX_SEQ).
+    inbox_seq: Mapped[int | None] = mapped_column(BigInteger)
     failed_at: Mapped[datetime | None]
     bounced_at: Mapped[datetime | None]
 
