@@ -105,8 +105,10 @@ class ChannelTemplate:
     variable: tuple[tuple[str, Any], ...]
     fixed: dict[str, Any]
     template_globals: dict[str, Any] | None  # None: render through ``compiled`` only
-    # Whether any field reads ``unsubscribe_url`` (an HMAC per delivery when built).
+    # Whether any field reads ``unsubscribe_url`` / ``preferences_url`` (an HMAC per
+    # delivery each when built).
     uses_unsubscribe_url: bool
+    uses_preferences_url: bool
 
     def render(self, render_context: dict[str, Any]) -> dict[str, Any]:
         if self.template_globals is None:
@@ -159,7 +161,7 @@ def _channel_template(version_id: int, content_json: str, channel: str) -> Chann
             try:
                 names |= meta.find_undeclared_variables(_parser.parse(source))
             except TemplateError:
-                names.add("unsubscribe_url")
+                names |= {"unsubscribe_url", "preferences_url"}
     template_globals = [dict(t.globals) for _, t in variable]
     if any(g != template_globals[0] for g in template_globals):
         fast = False
@@ -170,6 +172,7 @@ def _channel_template(version_id: int, content_json: str, channel: str) -> Chann
         fixed=fixed,
         template_globals=(template_globals[0] if template_globals else {}) if fast else None,
         uses_unsubscribe_url="unsubscribe_url" in names or not fast,
+        uses_preferences_url="preferences_url" in names or not fast,
     )
 
 
@@ -539,6 +542,12 @@ def _render_context(row: Any, context: ChannelContext, data: dict[str, Any]) -> 
             row.id,
         )
         if context.channel_template is None or context.channel_template.uses_unsubscribe_url
+        else "",
+        # The hosted preference page; an HMAC per delivery too, so built on the same terms.
+        "preferences_url": links.preferences_url(
+            context.base_url, context.secret, context.organization_id, row.recipient_id
+        )
+        if context.channel_template is None or context.channel_template.uses_preferences_url
         else "",
     }
 

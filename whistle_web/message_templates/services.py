@@ -29,7 +29,7 @@ from whistle_web.recipients.models import Recipient
 from whistle_web.tenancy import require_organization_id
 
 # What a send puts in the context (see the dispatcher): nothing else is defined.
-VARIABLES = ("recipient", "data", "organization", "unsubscribe_url")
+VARIABLES = ("recipient", "data", "organization", "unsubscribe_url", "preferences_url")
 _parser = ImmutableSandboxedEnvironment()
 _ALLOWED = frozenset(VARIABLES) | frozenset(_parser.globals)
 RECIPIENT_FIELDS = ("external_id", "email", "phone", "name", "locale", "timezone")
@@ -178,8 +178,8 @@ def check_content(content: Mapping[str, Any]) -> list[FieldError]:
     """Every problem that keeps the content from being published, by field.
 
     A field must compile in the sandbox (the message names the Jinja line) and use only
-    the top-level variables ``recipient``, ``data``, ``organization`` and
-    ``unsubscribe_url``.
+    the top-level variables ``recipient``, ``data``, ``organization``, ``unsubscribe_url``
+    and ``preferences_url``.
     """
     errors: list[FieldError] = []
     compiled = compile_content(dict(content))
@@ -212,8 +212,8 @@ def _unknown_variables(source: str, path: str) -> list[FieldError]:
         errors.append(
             FieldError(
                 path,
-                f"{where}unknown variable {name!r}; use recipient, data, organization or "
-                "unsubscribe_url.",
+                f"{where}unknown variable {name!r}; use recipient, data, organization, "
+                "unsubscribe_url or preferences_url.",
             )
         )
     return errors
@@ -303,6 +303,7 @@ def preview_template(
         "data": dict(data or {}),
         "organization": {"name": organization.name if organization else ""},
         "unsubscribe_url": f"{base_url}/t/u/preview",
+        "preferences_url": f"{base_url}/p/preview",
     }
     compiled = compile_content(chosen.content)
     rendered: dict[str, dict[str, Any]] = {}

@@ -1,4 +1,4 @@
-"""Open and click tracking, unsubscribe pages and provider webhooks (SES over SNS, Twilio)."""
+"""Open and click tracking, unsubscribe and preference pages, provider webhooks (SES, Twilio)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from whistle_web.extensions import csrf
 
 
 def init_app(app: Flask) -> None:
-    from whistle_web.tracking import sns, views
+    from whistle_web.tracking import preference_page, sns, views
 
     # Where SNS signing certificates and subscription confirmations may be fetched from.
     app.config.setdefault("WHISTLE_SNS_CERT_URL_PATTERN", sns.DEFAULT_URL_PATTERN)
@@ -19,3 +19,4 @@ def init_app(app: Flask) -> None:
     # Checks the form token itself, except for RFC 8058 one-click POSTs from mail providers.
     csrf.exempt(views.unsubscribe)
     app.register_blueprint(views.bp)
+    app.register_blueprint(preference_page.bp)

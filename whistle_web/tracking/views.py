@@ -142,12 +142,14 @@ def unsubscribe_recipient(
     return True
 
 
-def _unsubscribe_page(organization_id: int, *, done: bool) -> Response:
+def _unsubscribe_page(organization_id: int, recipient_id: int, *, done: bool) -> Response:
     organization = db.session.get(Organization, organization_id)
     html = render_template(
         "tracking/unsubscribe.html",
         organization_name=organization.name if organization else "the sender",
         done=done,
+        # A path: the page links to its own host, whatever the configured base URL says.
+        preferences_url=links.preferences_url("", _secret(), organization_id, recipient_id),
     )
     return _private(Response(html))
 
@@ -162,7 +164,7 @@ def unsubscribe_form(token: str) -> Response:
         if recipient is None:
             return _invalid_link()
         return _unsubscribe_page(
-            payload.organization_id, done=recipient.unsubscribed_at is not None
+            payload.organization_id, recipient.id, done=recipient.unsubscribed_at is not None
         )
 
 
@@ -199,7 +201,7 @@ def unsubscribe(token: str) -> Response:
         db.session.commit()
         if one_click:
             return _private(Response("Unsubscribed.\n", 200, mimetype="text/plain"))
-        return _unsubscribe_page(payload.organization_id, done=True)
+        return _unsubscribe_page(payload.organization_id, payload.recipient_id, done=True)
 
 
 # --- provider webhooks ------------------------------------------------------------------------

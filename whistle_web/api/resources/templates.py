@@ -319,7 +319,7 @@ def update_template(key: str, body: TemplatePatch) -> TemplateDetailOut:
 )
 def publish_template(key: str) -> TemplateDetailOut:
     """Every field must compile in the sandbox and use only `recipient`, `data`,
-    `organization` and `unsubscribe_url`; otherwise a 422 names each field
+    `organization`, `unsubscribe_url` and `preferences_url`; otherwise a 422 names each field
     (`channels.email.subject`) with the Jinja line. A 409 when there is no new draft."""
     return _detail(services.publish_template(key, actor=current_actor()))
 
