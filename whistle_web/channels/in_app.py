@@ -2,8 +2,10 @@
 
 Each message is published on the recipient's Redis channel, ``whistle:inbox:<org>:<recipient>``;
 every web process holds one pattern subscription and pushes it to that recipient's open
-sockets. Redis may be flushed at any moment: the inbox itself lives in PostgreSQL, so a
-missed publish only means the widget shows the item on its next fetch instead of at once.
+sockets (:mod:`whistle_web.inbox.hub`). The payload is the protocol's ``notification`` frame,
+with the inbox sequence number the dispatcher put in ``meta["seq"]``. Redis may be flushed at
+any moment: the inbox itself lives in PostgreSQL, so a missed publish only means the widget
+shows the item on its next resume or fetch instead of at once.
 """
 
 from __future__ import annotations
@@ -55,8 +57,12 @@ class InAppProvider(BaseProvider):
             chunk = messages[start : start + SCRIPT_CHUNK]
             args: list[str] = []
             for message in chunk:
+                # The protocol's "notification" frame (see the README); a new item has no
+                # state yet. "delivery_id" repeats "id" for subscribers written before it.
                 payload = {
                     "type": "notification",
+                    "seq": message.meta.get("seq"),
+                    "id": message.delivery_id,
                     "delivery_id": message.delivery_id,
                     "notification_id": message.meta.get("notification_id"),
                     "title": message.content.get("title", ""),
@@ -64,6 +70,10 @@ class InAppProvider(BaseProvider):
                     "action_url": message.content.get("action_url"),
                     "data": message.meta.get("data", {}),
                     "created_at": message.meta.get("created_at"),
+                    "seen_at": None,
+                    "read_at": None,
+                    "archived_at": None,
+                    "clicked_at": None,
                 }
                 args.append(
                     inbox_channel(message.meta["organization_id"], message.meta["recipient_id"])

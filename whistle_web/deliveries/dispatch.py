@@ -39,6 +39,7 @@ from whistle_web.deliveries.ledger import CounterRow, bump_counters, suppress_ad
 from whistle_web.deliveries.models import BatchStatus, Delivery, DeliveryBatch
 from whistle_web.deliveries.status import DeliveryStatus
 from whistle_web.extensions import db
+from whistle_web.inbox.outbox import draw_inbox_seqs
 from whistle_web.message_templates.models import Template, TemplateVersion
 from whistle_web.message_templates.rendering import (
     CompiledContent,
@@ -350,6 +351,8 @@ def deliver(delivery_ids: list[int], context: ChannelContext) -> int:
     ).all()
     devices = _devices(rows, context) if context.channel == Channel.PUSH else {}
     messages, rendered, failures = _render_all(rows, context, devices)
+    if context.channel == Channel.IN_APP:
+        draw_inbox_seqs(messages)  # published with the frame; _record stores a newer one
     outcomes = _send(messages, context) + [Outcome(f) for f in failures]
     _record(outcomes, rendered, {r.id: r.attempts for r in rows}, context)
     return sum(1 for o in _per_delivery(outcomes) if o.result.ok)
@@ -432,12 +435,14 @@ def store_and_publish(
                 "WITH changed AS ("
                 " UPDATE deliveries AS d SET status = 'sent', sent_at = :now, updated_at = :now,"
                 " attempts = d.attempts + 1, provider_id = :provider, rendered = v.rendered,"
-                " error = NULL"
+                " error = NULL, inbox_seq = nextval('inbox_seq')"
                 " FROM ROWS FROM (unnest(CAST(:ids AS bigint[])),"
                 " jsonb_array_elements(CAST(:rendered AS jsonb))) AS v(id, rendered)"
                 " WHERE d.id = v.id"
-                " RETURNING d.organization_id, d.campaign_id, d.template_id, d.channel)"
-                " SELECT organization_id, campaign_id, template_id, channel, count(*)"
+                " RETURNING d.organization_id, d.campaign_id, d.template_id, d.channel,"
+                " d.id, d.inbox_seq)"
+                " SELECT organization_id, campaign_id, template_id, channel, count(*),"
+                " array_agg(id), array_agg(inbox_seq)"
                 " FROM changed GROUP BY organization_id, campaign_id, template_id, channel"
             ),
             {
@@ -447,7 +452,10 @@ def store_and_publish(
                 "rendered": json.dumps([rendered[i] for i in ids], separators=(",", ":")),
             },
         ).all()
-        counters += _counted(returned, org_id, "sent", now)
+        counters += _counted([r[:5] for r in returned], org_id, "sent", now)
+        seqs = {i: seq for r in returned for i, seq in zip(r[5], r[6], strict=True)}
+        for message in messages:
+            message.meta["seq"] = seqs[message.delivery_id]  # the published frame's seq
     if failures:
         returned = db.session.execute(
             text(
@@ -766,7 +774,8 @@ def _record(
                 "WITH changed AS ("
                 " UPDATE deliveries AS d SET status = 'sent', sent_at = :now, updated_at = :now,"
                 " provider_id = v.provider_id, provider_message_id = v.pmid,"
-                " rendered = v.rendered, error = NULL"
+                " rendered = v.rendered, error = NULL, inbox_seq = CASE"
+                " WHEN d.channel = 'in_app' THEN nextval('inbox_seq') ELSE d.inbox_seq END"
                 " FROM ROWS FROM (unnest(CAST(:ids AS bigint[])),"
                 " unnest(CAST(:providers AS bigint[])), unnest(CAST(:pmids AS text[])),"
                 " jsonb_array_elements(CAST(:rendered AS jsonb)))"

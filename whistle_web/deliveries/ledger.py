@@ -20,6 +20,7 @@ from whistle_web.channels.kinds import Channel
 from whistle_web.deliveries.models import Delivery, DeliveryEvent, DeliveryStat, StatScope
 from whistle_web.deliveries.status import PROGRESS, DeliveryStatus, can_transition
 from whistle_web.extensions import db
+from whistle_web.inbox.outbox import note_state_change
 from whistle_web.preferences.models import Suppression, SuppressionReason
 from whistle_web.tenancy import require_organization_id
 
@@ -139,6 +140,7 @@ def record_event(
         DeliveryEvent(delivery_id=delivery.id, type=event_type, occurred_at=at, data=data)
     )
     counters: list[CounterRow] = []
+    inbox_state = _inbox_state(delivery)
 
     target = LEDGER_EVENTS.get(event_type)
     if target is not None and delivery.status != target and can_transition(delivery.status, target):
@@ -164,7 +166,14 @@ def record_event(
             delivery_id=delivery.id,
         )
     bump_counters(counters)
+    if delivery.channel == Channel.IN_APP and _inbox_state(delivery) != inbox_state:
+        # Every open tab of the recipient hears of it after the commit (see inbox.outbox).
+        note_state_change(delivery)
     return delivery
+
+
+def _inbox_state(delivery: Delivery) -> tuple[datetime | None, ...]:
+    return (delivery.seen_at, delivery.read_at, delivery.clicked_at, delivery.archived_at)
 
 
 def _counter(delivery: Delivery, metric: str, at: datetime) -> CounterRow:
