@@ -6,7 +6,8 @@ from flask import Flask
 
 
 def init_app(app: Flask) -> None:
-    from whistle_web.console import auth, views
+    # widget_demo adds its pages to the console blueprint: import it before registering.
+    from whistle_web.console import auth, views, widget_demo  # noqa: F401
 
     auth.init_login(app)
     app.register_blueprint(views.bp)
