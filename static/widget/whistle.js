@@ -91,6 +91,17 @@
     return svg;
   }
 
+  /** When a JWT expires (ms since the epoch), or null; the claims are read, not checked. */
+  function tokenExpiry(token) {
+    try {
+      const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const claims = JSON.parse(atob(part + "===".slice((part.length + 3) % 4)));
+      return typeof claims.exp === "number" ? claims.exp * 1000 : null;
+    } catch (error) {
+      return null;
+    }
+  }
+
   function time(value) {
     const parsed = typeof value === "string" ? Date.parse(value) : NaN;
     return Number.isNaN(parsed) ? null : parsed;
@@ -176,6 +187,7 @@
       this.id = ++instances;
       this._mount(options.target);
       this._listen();
+      this._scheduleRenewal();
       this._connect();
     }
 
@@ -187,6 +199,10 @@
         throw new TypeError("setToken needs a token string");
       }
       this.token = token;
+      this._scheduleRenewal();
+      if (this.live) {
+        this._send({ type: "auth", token: token, ref: String(++this.refs) }); // extends the socket
+      }
       if (this.expired && !this.stopped) {
         this.expired = false;
         this._setStatus("");
@@ -929,7 +945,9 @@
           this._render();
           const row = this.rows.get(Number(frame.id));
           if (isNew && row) {
+            // Highlighted once, when first shown (now, or when the panel next opens).
             row.classList.add("fresh");
+            row.addEventListener("animationend", () => row.classList.remove("fresh"), { once: true });
           }
           if (isNew) {
             this._markVisibleSeen();
@@ -986,6 +1004,26 @@
       }
     }
 
+    /** Renew the token a minute before it expires, so an open socket never drops for it. */
+    _scheduleRenewal() {
+      clearTimeout(this.timers.renew);
+      const expiry = this.onTokenExpired ? tokenExpiry(this.token) : null;
+      if (expiry === null) {
+        return;
+      }
+      const delay = Math.min(Math.max(expiry - Date.now() - 60000, 5000), 2147483647);
+      this.timers.renew = setTimeout(() => {
+        Promise.resolve()
+          .then(() => this.onTokenExpired())
+          .then((token) => {
+            if (typeof token === "string" && token && token !== this.token && !this.stopped) {
+              this.setToken(token);
+            }
+          })
+          .catch(() => undefined); // the socket's 4001 close asks again
+      }, delay);
+    }
+
     /** Ask the page for a new token; true when it gave one. */
     _renewToken() {
       if (this.renewing) {
@@ -1001,6 +1039,7 @@
         if (typeof token === "string" && token && token !== this.token) {
           this.token = token;
           this.expired = false;
+          this._scheduleRenewal();
           return true;
         }
         this.expired = true;
@@ -1035,6 +1074,7 @@
 
     _clearTimers() {
       clearTimeout(this.timers.reconnect);
+      clearTimeout(this.timers.renew);
       clearTimeout(this.timers.reveal);
       clearTimeout(this.timers.announce);
       clearInterval(this.timers.clock);

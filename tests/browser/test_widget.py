@@ -1,0 +1,198 @@
+"""The in-app widget on the demo page in Chromium: live arrival over /ws, read and clicked."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from playwright.sync_api import expect
+from sqlalchemy import func, select
+
+from tests.pipeline.conftest import run_jobs
+from whistle_web.accounts.services import create_api_key
+from whistle_web.deliveries.models import Delivery
+from whistle_web.demo import DEMO_EMAIL, DEMO_PASSWORD, DEMO_SLUG, seed_demo
+from whistle_web.errors import Actor
+from whistle_web.extensions import db
+from whistle_web.models import Organization, Recipient, Template, TemplateVersion, VersionState
+from whistle_web.tenancy import organization_scope, unscoped
+
+RECIPIENT = "user_0001"
+WIDGET = "whistle-inbox"  # Playwright's CSS engine pierces the widget's open shadow root
+
+
+def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``check`` until it returns something truthy (the live server commits on its own)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        db.session.expire_all()
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def demo(app, live_server):  # type: ignore[no-untyped-def]
+    """The demo organization, allowed to embed from the live server, with a build template."""
+    seed_demo()
+    org = db.session.scalar(unscoped(select(Organization).where(Organization.slug == DEMO_SLUG)))
+    org.allowed_origins = [*org.allowed_origins, live_server]
+    with organization_scope(org.id):
+        template = Template(key="build-finished", name="Build finished")
+        db.session.add(template)
+        db.session.flush()
+        version = TemplateVersion(
+            template_id=template.id,
+            version=1,
+            state=VersionState.PUBLISHED,
+            content={
+                "in_app": {
+                    "title": "Build {{ data.build }} finished",
+                    "body": "All {{ data.checks }} checks passed.",
+                    "action_url": "https://acme.test/builds/{{ data.build }}",
+                }
+            },
+        )
+        db.session.add(version)
+        db.session.flush()
+        template.published_version_id = version.id
+        key = create_api_key("browser test", actor=Actor.system("tests"))
+        recipient = db.session.scalar(select(Recipient).where(Recipient.external_id == RECIPIENT))
+    db.session.commit()
+    return {"org": org, "api_key": key.secret, "recipient_id": recipient.id}
+
+
+def unread_in_db(org_id: int, recipient_id: int) -> int:
+    with organization_scope(org_id):
+        return db.session.scalar(
+            select(func.count())
+            .select_from(Delivery)
+            .where(
+                Delivery.recipient_id == recipient_id,
+                Delivery.channel == "in_app",
+                Delivery.sent_at.is_not(None),
+                Delivery.read_at.is_(None),
+                Delivery.archived_at.is_(None),
+            )
+        )
+
+
+def build_delivery(org_id: int, recipient_id: int) -> Delivery | None:
+    with organization_scope(org_id):
+        return db.session.scalar(
+            select(Delivery)
+            .join(Template, Template.id == Delivery.template_id)
+            .where(Template.key == "build-finished", Delivery.recipient_id == recipient_id)
+        )
+
+
+def sign_in(page, live_server: str) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{live_server}/login")
+    page.fill("input[name=email]", DEMO_EMAIL)
+    page.fill("input[name=password]", DEMO_PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server}/")
+
+
+def test_the_widget_receives_live_and_marks_read(app, live_server, page, demo, redis):
+    org_id, recipient_id = demo["org"].id, demo["recipient_id"]
+    # The action link opens the customer's site in a new tab: answer it locally.
+    page.context.route(
+        "https://acme.test/**", lambda route: route.fulfill(body="ok", content_type="text/plain")
+    )
+    errors: list[str] = []
+
+    def on_demo_page() -> bool:
+        return "/widget/demo" in page.url
+
+    page.on("pageerror", lambda error: errors.append(str(error)) if on_demo_page() else None)
+    page.on(
+        "console",
+        lambda message: (
+            errors.append(message.text)
+            if on_demo_page() and message.type == "error" and "Content Security" in message.text
+            else None
+        ),
+    )
+    sign_in(page, live_server)
+    page.get_by_role("link", name="Widget demo").click()
+    page.wait_for_url(f"{live_server}/widget/demo")
+    page.goto(f"{live_server}/widget/demo?recipient={RECIPIENT}")
+    page.wait_for_function("window.whistleDemo && window.whistleDemo.live", timeout=10000)
+
+    bell = page.locator(f"{WIDGET} button.bell")
+    badge = page.locator(f"{WIDGET} .badge")
+    before = unread_in_db(org_id, recipient_id)
+    expect(bell).to_have_attribute("aria-expanded", "false")
+    if before:
+        expect(badge).to_have_text(str(before))
+    else:
+        expect(badge).to_be_hidden()
+    page.evaluate("window.__sameDocument = true")
+
+    # Trigger through the API, then let a worker deliver it.
+    response = app.test_client().post(
+        "/api/v1/notifications",
+        json={
+            "template": "build-finished",
+            "to": [RECIPIENT],
+            "channels": ["in_app"],
+            "data": {"build": "42", "checks": 7},
+        },
+        headers={"Authorization": f"Bearer {demo['api_key']}"},
+    )
+    assert response.status_code == 202, response.get_json()
+    assert run_jobs(redis) >= 1
+    delivery = build_delivery(org_id, recipient_id)
+    assert delivery is not None and delivery.sent_at is not None
+
+    # The badge counts it and the item is there, without a reload.
+    expect(badge).to_have_text(str(before + 1))
+    expect(bell).to_have_attribute("aria-label", f"Notifications, {before + 1} unread")
+    assert page.evaluate("window.__sameDocument") is True
+    live_region = page.locator(f"{WIDGET} [aria-live=polite]")
+    expect(live_region).to_have_text("New notification: Build 42 finished")
+
+    # Open the dropdown: the item is first, unread, and everything shown becomes seen.
+    bell.click()
+    expect(bell).to_have_attribute("aria-expanded", "true")
+    first = page.locator(f"{WIDGET} li.item").first
+    expect(first).to_have_class(re.compile(r"\bunread\b"))
+    expect(first.locator(".item-main")).to_have_text("Unread: Build 42 finished")
+    expect(first.locator(".body")).to_have_text("All 7 checks passed.")
+    assert eventually(lambda: build_delivery(org_id, recipient_id).seen_at is not None)
+
+    # Follow the action link: read and clicked, recorded on the delivery.
+    with page.expect_popup() as popup:
+        first.locator("a.item-main").click()
+    assert popup.value.url == "https://acme.test/builds/42"
+    popup.value.close()
+    assert eventually(lambda: build_delivery(org_id, recipient_id).clicked_at is not None)
+    delivery = build_delivery(org_id, recipient_id)
+    assert delivery.read_at is not None and delivery.clicked_at is not None
+    expect(first).not_to_have_class(re.compile(r"\bunread\b"))
+    expect(first.locator(".item-main")).to_have_text("Build 42 finished")
+    if before:
+        expect(badge).to_have_text(str(before))
+    else:
+        expect(badge).to_be_hidden()
+    assert unread_in_db(org_id, recipient_id) == before
+
+    # Keyboard: Escape closes and gives focus back to the bell.
+    page.keyboard.press("Escape")
+    expect(bell).to_have_attribute("aria-expanded", "false")
+    assert (
+        page.evaluate("document.querySelector('whistle-inbox').shadowRoot.activeElement.className")
+        == "bell"
+    )
+
+    # Styles stay on their own side of the shadow root.
+    page_badge = page.locator(".host-cards .badge").first
+    assert page_badge.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(47, 158, 68)"
+    assert bell.evaluate("e => getComputedStyle(e).backgroundColor") != "rgb(255, 212, 59)"
+    assert bell.evaluate("e => getComputedStyle(e).textTransform") == "none"
+    assert errors == [], errors
