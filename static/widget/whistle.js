@@ -177,6 +177,7 @@
       this.socket = null;
       this.live = false; // authenticated socket
       this.resuming = false;
+      this.resumeAsked = false;
       this.attempt = 0;
       this.failures = 0;
       this.stopped = false;
@@ -220,8 +221,8 @@
       this.host.classList.add("whistle-open");
       this._render();
       this.panel.focus();
-      if (!this.feedLoaded && !this.live) {
-        this._loadFeed(true);
+      if (!this.feedLoaded) {
+        this._loadFeed(true); // not read yet, or the last try failed
       }
       this._markVisibleSeen();
     }
@@ -807,7 +808,8 @@
       let ready = false;
       socket.addEventListener("open", () => {
         const auth = { type: "auth", token: this.token };
-        if (this.lastSeq !== null) {
+        this.resumeAsked = this.lastSeq !== null;
+        if (this.resumeAsked) {
           auth.last_seq = this.lastSeq;
         }
         socket.send(JSON.stringify(auth));
@@ -925,13 +927,14 @@
             this.preferencesUrl = safeHttpUrl(frame.preferences_url);
           }
           this._setUnread(frame.unread_count);
-          if (this.lastSeq === null || !this.feedLoaded) {
-            // A fresh start: the socket only sends what is new, the feed has the rest.
-            this.resuming = false;
+          // After a resume the missed items follow, then an unread_count; they are not news.
+          this.resuming = Boolean(this.resumeAsked);
+          if (!this.resumeAsked) {
             this._bumpSeq(this.readySeq);
+          }
+          if (!this.resumeAsked || !this.feedLoaded) {
+            // The socket only sends what is new (or missed): the feed has the rest.
             this._loadFeed(true);
-          } else {
-            this.resuming = true; // missed items follow, then an unread_count
           }
           this._render();
           break;

@@ -82,12 +82,35 @@ def unread_in_db(org_id: int, recipient_id: int) -> int:
 
 
 def build_delivery(org_id: int, recipient_id: int) -> Delivery | None:
+    return build_deliveries(org_id, recipient_id).get("42")
+
+
+def build_deliveries(org_id: int, recipient_id: int) -> dict[str, Delivery]:
+    """The recipient's build notifications by build number."""
+    from whistle_web.models import Notification
+
     with organization_scope(org_id):
-        return db.session.scalar(
-            select(Delivery)
+        rows = db.session.execute(
+            select(Notification.data, Delivery)
+            .join(Delivery, Delivery.notification_id == Notification.id)
             .join(Template, Template.id == Delivery.template_id)
             .where(Template.key == "build-finished", Delivery.recipient_id == recipient_id)
-        )
+        ).all()
+    return {str((data or {}).get("build")): delivery for data, delivery in rows}
+
+
+def trigger(app, api_key: str, build: str) -> None:  # type: ignore[no-untyped-def]
+    response = app.test_client().post(
+        "/api/v1/notifications",
+        json={
+            "template": "build-finished",
+            "to": [RECIPIENT],
+            "channels": ["in_app"],
+            "data": {"build": build, "checks": 7},
+        },
+        headers={"Authorization": f"Bearer {api_key}"},
+    )
+    assert response.status_code == 202, response.get_json()
 
 
 def sign_in(page, live_server: str) -> None:  # type: ignore[no-untyped-def]
@@ -122,7 +145,7 @@ def test_the_widget_receives_live_and_marks_read(app, live_server, page, demo, r
     page.get_by_role("link", name="Widget demo").click()
     page.wait_for_url(f"{live_server}/widget/demo")
     page.goto(f"{live_server}/widget/demo?recipient={RECIPIENT}")
-    page.wait_for_function("window.whistleDemo && window.whistleDemo.live", timeout=10000)
+    page.wait_for_function("() => window.whistleDemo && window.whistleDemo.live", timeout=10000)
 
     bell = page.locator(f"{WIDGET} button.bell")
     badge = page.locator(f"{WIDGET} .badge")
@@ -135,17 +158,7 @@ def test_the_widget_receives_live_and_marks_read(app, live_server, page, demo, r
     page.evaluate("window.__sameDocument = true")
 
     # Trigger through the API, then let a worker deliver it.
-    response = app.test_client().post(
-        "/api/v1/notifications",
-        json={
-            "template": "build-finished",
-            "to": [RECIPIENT],
-            "channels": ["in_app"],
-            "data": {"build": "42", "checks": 7},
-        },
-        headers={"Authorization": f"Bearer {demo['api_key']}"},
-    )
-    assert response.status_code == 202, response.get_json()
+    trigger(app, demo["api_key"], "42")
     assert run_jobs(redis) >= 1
     delivery = build_delivery(org_id, recipient_id)
     assert delivery is not None and delivery.sent_at is not None
@@ -189,6 +202,42 @@ def test_the_widget_receives_live_and_marks_read(app, live_server, page, demo, r
         page.evaluate("document.querySelector('whistle-inbox').shadowRoot.activeElement.className")
         == "bell"
     )
+
+    # The connection drops; what is sent meanwhile arrives when it resumes from last_seq.
+    page.evaluate(
+        """() => {
+            window.__sent = [];
+            const send = WebSocket.prototype.send;
+            WebSocket.prototype.send = function (data) { window.__sent.push(data); return send.call(this, data); };
+            window.whistleDemo.stopped = true;  // hold the reconnect until the test says so
+            window.whistleDemo.socket.close();
+        }"""
+    )
+    page.wait_for_function("() => !window.whistleDemo.live")
+    trigger(app, demo["api_key"], "43")
+    assert run_jobs(redis) >= 1
+    page.evaluate(
+        "() => { window.whistleDemo.stopped = false; window.whistleDemo._reconnectNow(); }"
+    )
+    page.wait_for_function("() => window.whistleDemo.live")
+    auth = page.evaluate("JSON.parse(window.__sent[0])")
+    assert auth["type"] == "auth" and isinstance(auth["last_seq"], int) and auth["last_seq"] > 0
+    expect(badge).to_have_text(str(before + 1))
+    bell.click()
+    expect(page.locator(f"{WIDGET} li.item").first.locator(".item-main")).to_have_text(
+        "Unread: Build 43 finished"
+    )
+    assert page.locator(f"{WIDGET} li.item", has_text="Build 43 finished").count() == 1
+
+    # Archive it, then mark everything read.
+    page.get_by_role("button", name="Archive: Build 43 finished").click()
+    expect(page.locator(f"{WIDGET} li.item", has_text="Build 43 finished")).to_have_count(0)
+    assert eventually(lambda: build_deliveries(org_id, recipient_id)["43"].archived_at)
+    page.get_by_role("button", name="Mark all read").click()
+    expect(badge).to_be_hidden()
+    assert eventually(lambda: unread_in_db(org_id, recipient_id) == 0)
+    expect(bell).to_have_attribute("aria-label", "Notifications")
+    page.keyboard.press("Escape")
 
     # Styles stay on their own side of the shadow root.
     page_badge = page.locator(".host-cards .badge").first
