@@ -216,6 +216,10 @@
       if (!this.panel.hidden) {
         return;
       }
+      // Open towards the middle of the window, whichever side of it the bell sits on.
+      const rect = this.host.getBoundingClientRect();
+      const viewport = document.documentElement.clientWidth || global.innerWidth;
+      this.panel.classList.toggle("align-left", rect.left + rect.width / 2 < viewport / 2);
       this.panel.hidden = false;
       this.bell.setAttribute("aria-expanded", "true");
       this.host.classList.add("whistle-open");
@@ -257,6 +261,7 @@
         this.socket = null;
       }
       document.removeEventListener("click", this._onDocumentClick, true);
+      document.removeEventListener("keydown", this._onDocumentKeydown);
       global.removeEventListener("online", this._onOnline);
       document.removeEventListener("visibilitychange", this._onVisible);
       this.host.remove();
@@ -351,6 +356,12 @@
       this.more.addEventListener("click", () => this._loadFeed(false));
       this.root.addEventListener("keydown", (event) => this._onKeydown(event));
       this.list.addEventListener("click", (event) => this._onListClick(event));
+      this._onDocumentKeydown = (event) => {
+        // Escape also closes when focus is elsewhere on the page (the panel is a popover).
+        if (event.key === "Escape" && !this.panel.hidden && !event.composedPath().includes(this.host)) {
+          this.close(false);
+        }
+      };
       this._onDocumentClick = (event) => {
         const path = event.composedPath ? event.composedPath() : [];
         if (!this.panel.hidden && !path.includes(this.host)) {
@@ -367,6 +378,7 @@
         }
       };
       document.addEventListener("click", this._onDocumentClick, true);
+      document.addEventListener("keydown", this._onDocumentKeydown);
       global.addEventListener("online", this._onOnline);
       document.addEventListener("visibilitychange", this._onVisible);
       this.timers.clock = setInterval(() => this._refreshTimes(), 60000);
@@ -447,6 +459,7 @@
       const items = Array.from(this.items.values()).sort(byNewest);
       const now = Date.now();
       const keep = new Set();
+      const focused = this.root.activeElement; // moving a row in the DOM blurs it
       items.forEach((item, index) => {
         keep.add(item.id);
         let row = this.rows.get(item.id);
@@ -461,9 +474,16 @@
       });
       for (const [id, row] of this.rows) {
         if (!keep.has(id)) {
+          const hadFocus = row.contains(this.root.activeElement);
           row.remove();
           this.rows.delete(id);
+          if (hadFocus && !this.panel.hidden) {
+            this.panel.focus(); // never drop the keyboard on the page's body
+          }
         }
+      }
+      if (focused && focused.isConnected && this.root.activeElement !== focused) {
+        focused.focus();
       }
       this.empty.hidden = items.length > 0 || !this.feedLoaded;
       this.more.hidden = !this.nextCursor;
