@@ -193,12 +193,14 @@ def test_rewrite_html_decodes_entities_in_hrefs():
 
 def test_rewrite_html_leaves_other_links_alone():
     unsubscribe = links.unsubscribe_url(BASE, SECRET, 3, 4, 9)
+    preferences = links.preferences_url(BASE, SECRET, 3, 4)
     html = (
         '<a href="mailto:help@example.com">m</a>'
         '<a href="tel:+15555550100">t</a>'
         '<a href="#top">anchor</a>'
         '<a href="/relative">rel</a>'
         f'<a href="{unsubscribe}">unsubscribe</a>'
+        f'<a href="{preferences}">preferences</a>'
         '<a name="no-href">x</a>'
         '<a data-href="https://x.example/" title="href=https://y.example/">data</a>'
     )

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from whistle_web.audiences.models import Subscription, Topic
-from whistle_web.channels.kinds import Channel
+from whistle_web.errors import Actor
 from whistle_web.extensions import db
 from whistle_web.models import AuditLog, Category, Preference, Recipient
 from whistle_web.tenancy import organization_scope
@@ -348,22 +348,49 @@ def test_one_click_unsubscribe_still_works(client, org, recipient, secret):
     assert stored(org, recipient).unsubscribed_at is not None
 
 
-def test_email_templates_may_link_the_preference_page(org, recipient, secret, app):
-    from whistle_web.deliveries.dispatch import _channel_template
+def test_every_email_can_link_the_preference_page(
+    app, org, recipient, make_template, secret, redis
+):
+    """``preferences_url`` renders to this recipient's page (not click-tracked), end to end."""
+    from tests.pipeline.conftest import run_jobs
+    from tests.pipeline.test_email import smtp_provider
+    from tests.smtp_sink import SmtpSink
     from whistle_web.message_templates.services import check_content
+    from whistle_web.notifications.services import trigger
 
     content = {
         "email": {
             "subject": "Hi",
-            "text": "Manage: {{ preferences_url }}",
-            "html": "<a href='{{ unsubscribe_url }}'>unsubscribe</a>",
+            "text": "Manage what you get: {{ preferences_url }}",
+            "html": "<p>Hi</p><a href='{{ preferences_url }}'>Preferences</a>",
         }
     }
     assert check_content(content) == []
+    make_template(org, "digest", content)
+    with SmtpSink() as sink:
+        smtp_provider(org, sink.port)
+        with organization_scope(org.id):
+            trigger("digest", to=["ada"], channels=["email"], actor=Actor.system("tests"))
+        run_jobs(redis)
+    (message,) = sink.messages
+    text = next(p for p in message.walk() if p.get_content_type() == "text/plain").get_content()
+    html = next(p for p in message.walk() if p.get_content_type() == "text/html").get_content()
+    url = re.search(r"(https?://\S+/p/[\w.-]+)", text).group(1)
+    assert url.startswith(app.config["WHISTLE_BASE_URL"])
+    assert f"href='{url}'" in html  # Whistle's own page: not routed through a click redirect
+    token = urlsplit(url).path.removeprefix("/p/")
+    assert links.verify_preferences(token, secret=secret) == links.LinkPayload(
+        "preferences", org.id, recipient_id=recipient.id
+    )
+
+
+def test_the_preferences_link_costs_nothing_when_unused():
     import json
 
-    template = _channel_template(10_000_001, json.dumps(content), Channel.EMAIL.value)
-    assert template.uses_preferences_url and template.uses_unsubscribe_url
+    from whistle_web.deliveries.dispatch import _channel_template
+
+    used = {"email": {"subject": "Hi", "text": "{{ preferences_url }}", "html": "<p>x</p>"}}
     plain = {"email": {"subject": "Hi", "text": "{{ recipient.name }}", "html": "<p>x</p>"}}
-    template = _channel_template(10_000_002, json.dumps(plain), Channel.EMAIL.value)
+    assert _channel_template(10_000_001, json.dumps(used), "email").uses_preferences_url
+    template = _channel_template(10_000_002, json.dumps(plain), "email")
     assert not template.uses_preferences_url and not template.uses_unsubscribe_url

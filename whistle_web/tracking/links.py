@@ -239,11 +239,12 @@ def rewrite_html(
 ) -> str:
     """Route every http(s) link through its click URL and add the open pixel.
 
-    ``mailto:``, ``tel:``, in-page anchors and Whistle's own links (the unsubscribe link,
-    links already tracked) are left alone; other attributes and the quoting are kept.
+    ``mailto:``, ``tel:``, in-page anchors and Whistle's own links (the unsubscribe and
+    preference pages, links already tracked) are left alone; other attributes and the
+    quoting are kept.
     """
     organization_id = _organization(organization_id, delivery_id)
-    own_prefix = f"{base_url.rstrip('/')}/t/"
+    own_prefixes = (f"{base_url.rstrip('/')}/t/", f"{base_url.rstrip('/')}/p/")
 
     def rewrite_tag(match: re.Match[str]) -> str:
         tag = match.group(0)
@@ -255,7 +256,7 @@ def rewrite_html(
                 return tag
             quoted = raw[0] in "\"'"
             value = html_lib.unescape(raw[1:-1] if quoted else raw).strip()
-            if value.startswith(own_prefix) or not is_trackable_url(value):
+            if value.startswith(own_prefixes) or not is_trackable_url(value):
                 return tag
             try:
                 tracked = click_url(
