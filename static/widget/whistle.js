@@ -725,6 +725,7 @@
     /** Read the first page (``reset``) or the next one of the HTTP feed. */
     _loadFeed(reset) {
       if (this.loading) {
+        this.reloadQueued = this.reloadQueued || reset; // read the first page again after this
         return this.loading;
       }
       const params = new URLSearchParams({ limit: String(PAGE_SIZE), status: "all", archived: "false" });
@@ -777,6 +778,11 @@
         })
         .then(() => {
           this.loading = null;
+          if (this.reloadQueued) {
+            this.reloadQueued = false;
+            return this._loadFeed(true);
+          }
+          return undefined;
         });
       return this.loading;
     }
