@@ -63,12 +63,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     sock.init_app(app)
     app.extensions["whistle.redis"] = Redis.from_url(app.config["REDIS_URL"])
 
-    from whistle_web import api, console, tracking, web
+    from whistle_web import api, console, inbox, tracking, web
 
     web.init_app(app)
     console.init_app(app)
     api.init_app(app)
     tracking.init_app(app)
+    inbox.init_app(app)
 
     from whistle_web.cli import whistle_cli
 

@@ -84,6 +84,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Older master keys (comma-separated base64) still accepted for decryption.
         "WHISTLE_ENCRYPTION_KEYS_PREVIOUS": env.get("WHISTLE_ENCRYPTION_KEYS_PREVIOUS", ""),
         "WHISTLE_API_RATE_LIMIT": env.get("WHISTLE_API_RATE_LIMIT", "1200 per minute"),
+        # Open /ws sockets one recipient may hold across all web processes (4009 beyond it).
+        "WHISTLE_WS_MAX_SOCKETS_PER_RECIPIENT": int(
+            env.get("WHISTLE_WS_MAX_SOCKETS_PER_RECIPIENT", "10")
+        ),
         # Request bodies larger than this are refused with 413.
         "MAX_CONTENT_LENGTH": int(env.get("WHISTLE_MAX_BODY_BYTES", str(2 * 1024 * 1024))),
         # Silence after which the sweeper treats a batch's worker as dead.
