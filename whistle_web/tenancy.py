@@ -22,7 +22,7 @@ from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from flask_sqlalchemy.session import Session as FlaskSession
-from sqlalchemy import ForeignKey, bindparam, event, inspect
+from sqlalchemy import BigInteger, ForeignKey, bindparam, event, inspect
 from sqlalchemy.orm import (
     Mapped,
     ORMExecuteState,
@@ -47,13 +47,19 @@ class TenantScoped:
     """Mixin for rows that belong to exactly one organization.
 
     Tables whose own composite index already leads with ``organization_id`` set
-    ``__tenant_index__ = False`` to skip the redundant single-column index.
+    ``__tenant_index__ = False`` to skip the redundant single-column index. The highest-volume
+    tables (notifications, deliveries), whose rows already hang off their organization
+    through a cascading parent, set ``__tenant_fk__ = False``: the parent chain enforces the
+    reference, and the per-row foreign-key check is not paid on every insert.
     """
 
     __tenant_index__: bool = True
+    __tenant_fk__: bool = True
 
     @declared_attr
     def organization_id(cls) -> Mapped[int]:
+        if not cls.__tenant_fk__:
+            return mapped_column(BigInteger, index=cls.__tenant_index__)
         return mapped_column(
             ForeignKey("organizations.id", ondelete="CASCADE"), index=cls.__tenant_index__
         )

@@ -43,3 +43,12 @@ def test_output_size_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RenderError, match="output is larger than 1,000 characters"):
         render("{% for i in range(100) %}{{ data.text }}{% endfor %}", data={"text": "x" * 20})
     assert len(render("{{ data.text }}", data={"text": "x" * 1000})) == 1000
+
+
+def test_dict_keys_read_as_attributes_and_the_sandbox_still_holds() -> None:
+    attributes = {"plan": "pro", "items": "three"}
+    assert render("{{ a.plan }} {{ a.items }} {{ a.missing }}!", a=attributes) == "pro three !"
+    # Methods of a dict stay reachable when no key shadows them; internals stay closed.
+    assert render("{{ a.keys() | list | length }}", a={"x": 1}) == "1"
+    with pytest.raises(RenderError):
+        render("{{ a.__class__.__mro__ }}", a={"x": 1})

@@ -257,16 +257,20 @@ def run_batch(batch_id: int) -> str:
     stored_id = stored.id if stored is not None else None
     limit = CHUNK_SIZE[context.channel]
     sent = 0
+    # Chunks are taken in id order after the last one: the index scan starts past the rows
+    # this job already handled instead of stepping over their dead index entries each time.
+    after_id = 0
     while True:
         if stored is not None:
-            handled, ok = store_and_publish(batch_id, limit, context, stored_id)
+            handled, ok, after_id = store_and_publish(batch_id, limit, context, stored_id, after_id)
             if not handled:
                 break
             sent += ok
         else:
-            claimed = claim(batch_id, limit)
+            claimed = claim(batch_id, limit, after_id)
             if not claimed:
                 break
+            after_id = max(claimed)
             sent += deliver(claimed, context)
             _heartbeat(batch_id)
             db.session.commit()
@@ -293,12 +297,15 @@ def _heartbeat(batch_id: int) -> None:
     )
 
 
-def claim(batch_id: int, limit: int) -> list[int]:
-    """Mark up to ``limit`` due queued deliveries of the batch as sending; commit; return ids."""
+def claim(batch_id: int, limit: int, after_id: int = 0) -> list[int]:
+    """Mark up to ``limit`` due queued deliveries of the batch with ids above ``after_id`` as
+    sending; commit; return their ids.
+    """
     due = (
         select(Delivery.id)
         .where(
             Delivery.batch_id == batch_id,
+            Delivery.id > after_id,
             Delivery.status == DeliveryStatus.QUEUED,
             (Delivery.not_before.is_(None)) | (Delivery.not_before <= func.now()),
         )
@@ -403,17 +410,24 @@ def _stored_provider(context: ChannelContext) -> Provider | None:
 
 
 def store_and_publish(
-    batch_id: int, limit: int, context: ChannelContext, provider_id: int | None
-) -> tuple[int, int]:
-    """In-app: lock a chunk, render it, mark it sent and commit, then publish it.
+    batch_id: int,
+    limit: int,
+    context: ChannelContext,
+    provider_id: int | None,
+    after_id: int = 0,
+) -> tuple[int, int, int]:
+    """In-app: lock a chunk (ids above ``after_id``), render it, mark it sent and commit,
+    then publish it.
 
     Returns:
-        (deliveries handled, deliveries sent); (0, 0) when nothing is left to do.
+        (deliveries handled, deliveries sent, the chunk's last id); (0, 0, after_id) when
+        nothing is left to do.
     """
     rows = db.session.execute(
         _delivery_rows()
         .where(
             Delivery.batch_id == batch_id,
+            Delivery.id > after_id,
             Delivery.status == DeliveryStatus.QUEUED,
             (Delivery.not_before.is_(None)) | (Delivery.not_before <= func.now()),
         )
@@ -423,7 +437,7 @@ def store_and_publish(
     ).all()
     if not rows:
         db.session.commit()
-        return 0, 0
+        return 0, 0, after_id
     messages, rendered, failures = _render_all(rows, context, {})
     now = datetime.now(UTC)
     org_id = context.organization_id
@@ -489,7 +503,7 @@ def store_and_publish(
                 len(missed),
                 missed[0].error,
             )
-    return len(rows), len(messages)
+    return len(rows), len(messages), rows[-1].id
 
 
 def _counted(rows: Any, org_id: int, metric: str, at: datetime) -> list[CounterRow]:

@@ -40,10 +40,22 @@ class Delivery(TenantScoped, db.Model):
 
     __tablename__ = "deliveries"
     __tenant_index__ = False
+    # The organization, campaign, template and batch are copies of the notification's and
+    # its send request's, whose foreign keys hold them (a deleted organization or campaign
+    # cascades through send_requests and notifications; templates with sends cannot be
+    # deleted; batches go only with their send request): not checked again for each of a
+    # broadcast's rows (measured: 7 of 13 per-row checks, ~40% of planning's insert time).
+    __tenant_fk__ = False
     __table_args__ = (
         UniqueConstraint("notification_id", "channel"),
-        # Workers claim a batch's queued rows with FOR UPDATE SKIP LOCKED.
-        Index("ix_deliveries_batch_status", "batch_id", "status"),
+        # Workers claim a batch's queued rows with FOR UPDATE SKIP LOCKED; the sweeper looks
+        # for rows left sending. Sent rows leave the index (one index write fewer each).
+        Index(
+            "ix_deliveries_batch_open",
+            "batch_id",
+            "id",
+            postgresql_where=text("status IN ('queued', 'sending')"),
+        ),
         # Funnels and campaign pages filter by campaign, channel and status. Ids are global,
         # so these need no organization prefix (the tenant filter is added on top), and
         # cascades from campaigns and recipients can use them.
@@ -78,11 +90,9 @@ class Delivery(TenantScoped, db.Model):
     recipient_id: Mapped[int | None] = mapped_column(
         ForeignKey("recipients.id", ondelete="SET NULL")
     )
-    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
-    template_id: Mapped[int | None] = mapped_column(ForeignKey("templates.id", ondelete="SET NULL"))
-    batch_id: Mapped[int | None] = mapped_column(
-        ForeignKey("delivery_batches.id", ondelete="SET NULL")
-    )
+    campaign_id: Mapped[int | None]
+    template_id: Mapped[int | None]
+    batch_id: Mapped[int | None]
     channel: Mapped[Channel] = mapped_column(str_enum(Channel, "delivery_channel"))
     provider_id: Mapped[int | None] = mapped_column(ForeignKey("providers.id", ondelete="SET NULL"))
     status: Mapped[DeliveryStatus] = mapped_column(

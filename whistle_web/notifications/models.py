@@ -95,13 +95,16 @@ class Notification(TenantScoped, db.Model):
         ),
         # The recipient's timeline and inbox, newest first (also serves erasure's SET NULL).
         Index("ix_notifications_recipient", "recipient_id", "id"),
-        Index("ix_notifications_campaign", "campaign_id"),
     )
+    # A broadcast writes one row per recipient: the organization, campaign and template are
+    # copies of the send request's, whose foreign keys (organization and campaign cascade,
+    # template restricts) already hold them, so they are not checked again row by row.
+    __tenant_fk__ = False
 
     id: Mapped[int] = mapped_column(Identity(), primary_key=True)
     send_request_id: Mapped[int] = mapped_column(ForeignKey("send_requests.id", ondelete="CASCADE"))
-    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
-    template_id: Mapped[int | None] = mapped_column(ForeignKey("templates.id", ondelete="SET NULL"))
+    campaign_id: Mapped[int | None]
+    template_id: Mapped[int | None]
     category_id: Mapped[int | None] = mapped_column(
         ForeignKey("categories.id", ondelete="SET NULL")
     )
