@@ -1,8 +1,8 @@
 """Schemathesis against the generated OpenAPI document, every operation, authenticated.
 
 For each operation a bounded number of generated requests (valid and invalid ones, a fixed
-seed, no shrinking) runs against the app as an organization's API key with every scope;
-each answer must be no server error, have a documented status code and content type, and
+seed, no shrinking) runs against the app as an organization's API key with every scope (the
+inbox operations as a recipient's token); each answer must be no server error, have a documented status code and content type, and
 match the documented schema. Provider test sends are stubbed so no generated provider
 configuration reaches the network.
 """
@@ -27,6 +27,7 @@ from tests.pipeline.conftest import CONTENT
 from whistle_web.api.openapi import build_document
 from whistle_web.channels import services as channel_services
 from whistle_web.extensions import db
+from whistle_web.preferences.services import issue_recipient_token
 
 # WHISTLE_SCHEMATHESIS_EXAMPLES=200 for a deeper (slower) run.
 MAX_EXAMPLES = int(os.environ.get("WHISTLE_SCHEMATHESIS_EXAMPLES", "15"))
@@ -58,6 +59,8 @@ def seeded(app, org, make_api, make_template, make_recipient, redis, monkeypatch
     make_template(org, "welcome", CONTENT)
     make_recipient(org, "u-1", name="Ada")
     client = make_api(org)
+    # The inbox operations take the widget's recipient token instead of an API key.
+    client.recipient_token = issue_recipient_token(org.id, "u-1")[0]
     db.session.commit()  # kept when a request's leftovers are rolled back below
     return client
 
@@ -72,10 +75,10 @@ def seeded(app, org, make_api, make_template, make_recipient, redis, monkeypatch
     suppress_health_check=list(HealthCheck),
 )
 def test_api_matches_its_openapi_document(case: Any, seeded: Any, app: Any) -> None:
+    recipient = case.operation.definition.raw.get("security") == [{"recipientToken": []}]
+    token = seeded.recipient_token if recipient else seeded.token
     try:
-        case.call_and_validate(
-            app=app, headers={"Authorization": f"Bearer {seeded.token}"}, checks=CHECKS
-        )
+        case.call_and_validate(app=app, headers={"Authorization": f"Bearer {token}"}, checks=CHECKS)
     finally:
         # What the end of a real request does (tests share one app context): a request
         # that failed must not leave an aborted transaction to the next one.

@@ -101,8 +101,28 @@ def authenticate(scope: str | None) -> Actor:
 
 
 def authenticate_recipient() -> None:
-    """Recipient tokens (the in-app widget) are issued and checked by the realtime domain."""
-    raise Unauthorized("Recipient tokens are not accepted here yet.")
+    """Resolve a recipient token (the in-app widget's), enter its organization.
+
+    The inbox owner is left in ``g.inbox_owner`` for the view.
+
+    Raises:
+        Unauthorized: no token, or a bad or expired one, or one naming no recipient.
+    """
+    from whistle_web.inbox.services import authenticate as authenticate_inbox
+    from whistle_web.preferences.services import InvalidRecipientToken
+
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("Send the recipient token as 'Authorization: Bearer <token>'.")
+    try:
+        owner, _claims = authenticate_inbox(token)
+    except InvalidRecipientToken as error:
+        raise Unauthorized(error.detail) from None
+    g.inbox_owner = owner
+    g.api_actor = Actor("recipient", owner.recipient_id, "recipient (widget)", _client_ip())
+    g.api_scopes = set()
+    enter_organization(owner.organization_id)
 
 
 def _secret() -> str:

@@ -147,7 +147,13 @@ def build_document() -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": {"schema": _input_schema(op.body, components)}},
             }
-        operation["security"] = [] if op.auth == "none" else [{"bearer": []}]
+        operation["security"] = (
+            []
+            if op.auth == "none"
+            else [{"recipientToken": []}]
+            if op.auth == "recipient"
+            else [{"bearer": []}]
+        )
         paths.setdefault(f"/api/v1{op.path}", {})[op.method.lower()] = operation
     return {
         "openapi": "3.1.0",
@@ -166,7 +172,15 @@ def build_document() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "An organization API key (whk_...) or a staff access token.",
-                }
+                },
+                "recipientToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "A recipient token (the in-app widget's), from "
+                    "`POST /api/v1/recipients/{external_id}/token` or minted with the "
+                    "organization's widget secret.",
+                },
             },
         },
     }

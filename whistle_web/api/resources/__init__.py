@@ -4,6 +4,7 @@ from whistle_web.api.resources import (  # noqa: F401
     audiences,
     auth,
     campaigns,
+    inbox,
     preferences,
     recipients,
     sending,
