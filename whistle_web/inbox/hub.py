@@ -32,6 +32,11 @@ MAX_PENDING = 500
 MAX_BACKOFF = 10.0
 
 
+def client_name() -> str:
+    """The hub's name in Redis ``CLIENT LIST`` (one per process)."""
+    return f"whistle-inbox-hub-{os.getpid()}"
+
+
 class Client:
     """One open socket of one recipient, as the hub sees it."""
 
@@ -124,7 +129,9 @@ class Hub:
         while not stop.is_set():
             pubsub = None
             try:
-                connection = redis.Redis.from_url(redis_url, health_check_interval=15)
+                connection = redis.Redis.from_url(
+                    redis_url, health_check_interval=15, client_name=client_name()
+                )
                 pubsub = connection.pubsub(ignore_subscribe_messages=True)
                 pubsub.psubscribe(PATTERN)
                 # psubscribe is lazy: read its confirmation so "subscribed" means subscribed.

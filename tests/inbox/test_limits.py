@@ -1,0 +1,111 @@
+"""/ws limits and liveness: message rate, frame size, sockets per recipient, token expiry,
+pings, and the hub surviving a dropped Redis subscription."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+from tests.inbox.conftest import send_in_app, socket, token_for
+from whistle_web.inbox import hub as hub_module
+from whistle_web.inbox import socket as socket_module
+
+
+def test_too_many_messages_per_second_closes_4008(live_server, inbox):
+    with socket(live_server) as ws:
+        ws.auth(token_for(inbox["org"].id, "u-1"))
+        for _ in range(int(socket_module.RATE_BURST) + 20):
+            ws.send({"type": "pong"})
+        assert ws.close_code()[0] == 4008
+
+
+def test_a_steady_client_within_the_rate_is_not_closed(live_server, inbox):
+    with socket(live_server) as ws:
+        ws.auth(token_for(inbox["org"].id, "u-1"))
+        for i in range(30):
+            ws.send({"type": "read_all", "ref": i})
+            ws.expect("ack", ref=i)
+            time.sleep(0.06)
+
+
+def test_frames_over_4_kib_close_1009(live_server, inbox):
+    with socket(live_server) as ws:
+        ws.auth(token_for(inbox["org"].id, "u-1"))
+        ws.send({"type": "seen", "ids": [1], "pad": "x" * 5000})
+        assert ws.close_code()[0] == 1009
+
+
+def test_sockets_per_recipient_are_limited(live_server, inbox, app, monkeypatch):
+    monkeypatch.setitem(app.config, "WHISTLE_WS_MAX_SOCKETS_PER_RECIPIENT", 2)
+    org = inbox["org"]
+    token = token_for(org.id, "u-1")
+    with socket(live_server) as one, socket(live_server) as two:
+        one.auth(token)
+        two.auth(token)
+        with socket(live_server) as three:
+            three.send({"type": "auth", "token": token})
+            assert three.close_code()[0] == 4009
+        # Another recipient is not affected.
+        with socket(live_server) as other:
+            assert other.auth(token_for(org.id, "u-2"))["recipient"] == "u-2"
+    # Closing frees the slots.
+    time.sleep(0.3)
+    with socket(live_server) as again:
+        assert again.auth(token)["recipient"] == "u-1"
+
+
+def test_the_socket_closes_4001_when_its_token_expires(live_server, inbox):
+    org = inbox["org"]
+    soon = datetime.now(UTC) - timedelta(seconds=58)
+    short = token_for(org.id, "u-1", ttl=timedelta(seconds=60), now=soon)
+    with socket(live_server) as ws:
+        ws.auth(short)
+        started = time.monotonic()
+        code, reason = ws.close_code(timeout=6)
+    assert code == 4001 and "expired" in reason
+    assert time.monotonic() - started < 5
+
+
+def test_a_fresh_token_extends_the_socket(live_server, inbox):
+    org = inbox["org"]
+    soon = datetime.now(UTC) - timedelta(seconds=58)
+    with socket(live_server) as ws:
+        ws.auth(token_for(org.id, "u-1", ttl=timedelta(seconds=60), now=soon))
+        ws.send({"type": "auth", "token": token_for(org.id, "u-1"), "ref": "renew"})
+        ws.expect("ack", ref="renew")
+        time.sleep(3.5)
+        ws.send({"type": "read_all", "ref": "still here"})
+        ws.expect("ack", ref="still here")
+        # A token of someone else is refused.
+        ws.send({"type": "auth", "token": token_for(org.id, "u-2")})
+        assert ws.close_code()[0] == 4001
+
+
+def test_pings_keep_coming(live_server, inbox, monkeypatch):
+    monkeypatch.setattr(socket_module, "PING_INTERVAL", 0.3)
+    with socket(live_server) as ws:
+        ws.auth(token_for(inbox["org"].id, "u-1"))
+        assert ws.expect("ping", timeout=2) == {"type": "ping"}
+        ws.send({"type": "pong"})
+        ws.expect("ping", timeout=2)
+
+
+def test_the_hub_resubscribes_after_redis_drops_it(live_server, inbox, jobs, redis):
+    org = inbox["org"]
+    with socket(live_server) as ws:
+        ws.auth(token_for(org.id, "u-1"))
+        before = hub_module.hub.reconnects
+        ours = [
+            c
+            for c in redis.client_list(_type="pubsub")
+            if c.get("name") == hub_module.client_name()
+        ]
+        assert len(ours) == 1  # one subscription for the whole process
+        redis.client_kill_filter(_id=ours[0]["id"])
+        send_in_app(org.id, "u-1", jobs, reason="during the outage")
+        frame = ws.expect("notification", timeout=10)
+        assert frame["body"] == "during the outage"
+        deadline = time.monotonic() + 5
+        while hub_module.hub.reconnects == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hub_module.hub.reconnects == before + 1
