@@ -279,9 +279,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sink",
-        choices=("tests", "light"),
-        default="tests",
-        help="tests/smtp_sink.py (default) or a sink that only reads the Message-ID",
+        choices=("light", "tests"),
+        default="light",
+        help="a sink that only reads the Message-ID (default: the sink is not what is measured)"
+        " or tests/smtp_sink.py, which parses every message",
     )
     return parser.parse_args(argv)
 

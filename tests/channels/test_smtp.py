@@ -454,3 +454,39 @@ def test_tls_modes():
     assert make_provider(None, use_tls="ssl").port == 465
     assert make_provider("", use_tls="none").port == 25
     assert make_provider("2525", use_tls=True).port == 2525
+
+
+def test_non_ascii_names_subjects_and_addresses(recorder: Recorder):
+    """A non-ASCII display name and subject are encoded; a non-ASCII address needs SMTPUTF8,
+    which this server does not offer: refused for good.
+    """
+    server = start_server(recorder, enable_SMTPUTF8=False)
+    message = Message(
+        1, Channel.EMAIL, "zoë@example.com", {"subject": "Ça marche ✓", "text": "Grüße"}
+    )
+    latin = Message(2, Channel.EMAIL, "ada@example.com", {"subject": "Ça marche ✓", "text": "ü"})
+    try:
+        with make_provider(server.port, from_name="Équipe Whistle") as provider:
+            international, plain = provider.send_batch([message, latin])
+    finally:
+        server.stop()
+    assert not international.ok and not international.transient
+    assert "SMTPUTF8" in international.error
+    assert plain.ok
+    (received,) = recorder.received
+    assert received.message["Subject"] == "Ça marche ✓"
+    assert received.message["From"].addresses[0].display_name == "Équipe Whistle"
+    assert received.message.get_content().strip() == "ü"
+
+
+def test_smtputf8_server_takes_an_internationalized_address(recorder: Recorder):
+    controller = start_server(recorder, enable_SMTPUTF8=True)
+    try:
+        message = Message(1, Channel.EMAIL, "zoë@example.com", {"subject": "Hi", "text": "x"})
+        with make_provider(controller.port) as provider:
+            (result,) = provider.send_batch([message])
+    finally:
+        controller.stop()
+    assert result.ok, result.error
+    assert recorder.received[0].rcpt_tos == ["zoë@example.com"]
+    assert recorder.received[0].message["To"] == "zoë@example.com"

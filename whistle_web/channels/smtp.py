@@ -16,15 +16,12 @@ import logging
 import smtplib
 import ssl
 from collections.abc import Sequence
-from email.header import Header
-from email.message import Message as MimeMessage
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from email.utils import formataddr, formatdate, make_msgid
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
+from whistle_web.channels import mime
 from whistle_web.channels.base import (
     BaseProvider,
     Message,
@@ -85,6 +82,7 @@ class SmtpProvider(BaseProvider):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._smtp: smtplib.SMTP | None = None
+        self._from_header: str | None = None  # the same for every message: built once
 
     # -- configuration -------------------------------------------------------------------
 
@@ -202,7 +200,7 @@ class SmtpProvider(BaseProvider):
         retried = False  # one reconnect per batch when the server drops the connection
         for index, message in enumerate(messages):
             try:
-                mime, message_id = self._build(message)
+                data, message_id = self._build(message)
             except (ValueError, TypeError) as exc:
                 results.append(SendResult.failed(message.delivery_id, f"bad message: {exc}"))
                 continue
@@ -218,7 +216,7 @@ class SmtpProvider(BaseProvider):
                         for m in messages[index:]
                     ]
                     return results
-                result, lost = self._send_one(smtp, mime, message, message_id)
+                result, lost = self._send_one(smtp, data, message, message_id)
                 if lost is None:
                     results.append(result)
                     break
@@ -231,12 +229,20 @@ class SmtpProvider(BaseProvider):
         return results
 
     def _send_one(
-        self, smtp: smtplib.SMTP, mime: MimeMessage, message: Message, message_id: str
+        self, smtp: smtplib.SMTP, data: bytes, message: Message, message_id: str
     ) -> tuple[SendResult, str | None]:
         """The result, and why the connection is gone ("dropped", "timeout") if it is."""
         delivery_id = message.delivery_id
         try:
-            smtp.send_message(mime, from_addr=self.from_email, to_addrs=[message.to])
+            options: list[str] = []
+            if not (self.from_email.isascii() and message.to.isascii()):
+                # An internationalized address: only a server that speaks SMTPUTF8 takes it.
+                if not smtp.has_extn("smtputf8"):
+                    raise smtplib.SMTPNotSupportedError(
+                        "the address is not ASCII and the server does not support SMTPUTF8"
+                    )
+                options = ["SMTPUTF8", "BODY=8BITMIME"]
+            smtp.sendmail(self.from_email, [message.to], data, mail_options=options)
         except smtplib.SMTPServerDisconnected as exc:
             # smtplib turns socket errors and timeouts into SMTPServerDisconnected.
             if isinstance(exc.__context__, TimeoutError):
@@ -259,44 +265,46 @@ class SmtpProvider(BaseProvider):
             return SendResult.failed(delivery_id, f"smtp error: {exc}", transient=True), "error"
         return SendResult.sent(delivery_id, message_id), None
 
-    def _build(self, message: Message) -> tuple[MimeMessage, str]:
-        """The MIME message and its Message-ID.
+    def _build(self, message: Message) -> tuple[bytes, str]:
+        """The message as bytes, ready for ``sendmail``, and its Message-ID.
 
-        Built with the compat32 MIME classes: several times faster than ``EmailMessage``
-        with the default policy, which matters at a thousand messages a second.
+        Written by :mod:`whistle_web.channels.mime` rather than the ``email`` generator:
+        the generator was a third of a worker's CPU at a thousand messages a second.
 
         Raises:
-            ValueError: a header value would break the header block (CR or LF in it).
+            ValueError: a header value would break the header block (CR or LF in it), or a
+                header line would be longer than SMTP allows.
         """
         content = message.content
         text, html = content.get("text"), content.get("html")
-        mime: MimeMessage
-        if html and text:
-            mime = MIMEMultipart("alternative")
-            mime.attach(MIMEText(str(text), "plain", "utf-8"))
-            mime.attach(MIMEText(str(html), "html", "utf-8"))
-        elif html:
-            mime = MIMEText(str(html), "html", "utf-8")
-        else:
-            mime = MIMEText(str(text or ""), "plain", "utf-8")
-        subject = one_line(content.get("subject"))
-        mime["Subject"] = Header(subject, "utf-8") if not subject.isascii() else subject
-        from_name = str(self.settings.get("from_name") or "").strip()
+        if self._from_header is None:
+            from_name = str(self.settings.get("from_name") or "").strip()
+            self._from_header = mime.header(
+                "From", formataddr((_single_line(from_name, "From"), self.from_email), "utf-8")
+            )
         domain = self.from_email.rpartition("@")[2]
-        mime["From"] = formataddr((_single_line(from_name, "From"), self.from_email), "utf-8")
-        mime["To"] = _single_line(message.to, "To")
-        mime["Date"] = formatdate(usegmt=True)
         headers = {name: value for name, value in message.headers.items() if value is not None}
         given = next((v for k, v in headers.items() if k.lower() == "message-id"), "")
         message_id = str(given).strip().strip("<>") or make_msgid(domain=domain).strip("<>")
-        mime["Message-ID"] = f"<{_single_line(message_id, 'Message-ID')}>"
+        lines = [
+            self._from_header,
+            mime.header("To", _single_line(message.to, "To")),
+            mime.subject_header(one_line(content.get("subject"))),
+            mime.header("Date", formatdate(usegmt=True)),
+            mime.header("Message-ID", f"<{_single_line(message_id, 'Message-ID')}>"),
+        ]
         for name, value in headers.items():
             lowered = name.lower()
             if lowered in _RESERVED_HEADERS or lowered.startswith("content-"):
                 continue
-            del mime[name]
-            mime[_single_line(name, "header name")] = _single_line(str(value), name)
-        return mime, message_id
+            name = _single_line(name, "header name")
+            lines.append(mime.header(name, _single_line(str(value), name)))
+        body = mime.build(
+            lines,
+            text=str(text) if text else None if html else "",
+            html=str(html) if html else None,
+        )
+        return body, message_id
 
 
 def _single_line(value: str, what: str) -> str:
