@@ -45,7 +45,15 @@ def test_bad_tokens_close_4001(live_server, inbox, other_org):
 
 
 def test_malformed_first_frames_close_4400(live_server, inbox):
-    for raw in ("not json", "[1, 2]", '{"type": "shout"}', '{"type": 5}'):
+    for raw in (
+        "not json",
+        "[1, 2]",
+        '{"type": "shout"}',
+        '{"type": 5}',
+        '{"type": "auth", "token": "x", "last_seq": -1}',
+        '{"type": "auth", "token": "x", "last_seq": 99999999999999999999}',
+        '{"type": "auth", "token": "x", "last_seq": "7"}',
+    ):
         with socket(live_server) as ws:
             ws.send(raw)
             assert ws.close_code()[0] == 4400, raw

@@ -263,7 +263,7 @@ class InboxSocket:
             raise Close(CLOSE_AUTH, "The first frame must be auth with a token.")
         last_seq = frame.get("last_seq")
         if last_seq is not None and (
-            not isinstance(last_seq, int) or isinstance(last_seq, bool) or last_seq < 0
+            not isinstance(last_seq, int) or isinstance(last_seq, bool) or not 0 <= last_seq < 2**63
         ):
             raise Close(CLOSE_MALFORMED, "last_seq is a non-negative integer.")
         try:
