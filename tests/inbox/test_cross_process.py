@@ -1,8 +1,10 @@
-"""Two gunicorn web processes (the deploy configuration): what one handles reaches sockets on
-the other through Redis, and the sockets-per-recipient limit counts both."""
+"""Two gunicorn web processes (the deploy configuration, with the gthread and, when installed,
+the gevent worker): what one handles reaches sockets on the other through Redis, and the
+sockets-per-recipient limit counts both."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket as net
@@ -29,7 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(port: int, database_url: str, redis_url: str) -> subprocess.Popen[bytes]:
+def _start(
+    port: int, database_url: str, redis_url: str, worker_class: str
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -43,7 +47,16 @@ def _start(port: int, database_url: str, redis_url: str) -> subprocess.Popen[byt
         "WHISTLE_DB_POOL_SIZE": "3",
     }
     return subprocess.Popen(
-        [str(GUNICORN), "-c", "gunicorn.conf.py", "--access-logfile", "/dev/null", "wsgi:app"],
+        [
+            str(GUNICORN),
+            "-c",
+            "gunicorn.conf.py",
+            "--worker-class",
+            worker_class,
+            "--access-logfile",
+            "/dev/null",
+            "wsgi:app",
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -65,15 +78,23 @@ def _wait_healthy(base: str, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"{base} did not become healthy")
 
 
-@pytest.fixture(scope="module")
-def two_servers(service_urls) -> Iterator[tuple[str, str]]:  # type: ignore[no-untyped-def]
+def _worker_classes() -> list[object]:
+    gevent = pytest.mark.skipif(
+        importlib.util.find_spec("gevent") is None, reason="gevent is not installed"
+    )
+    return ["gthread", pytest.param("gevent", marks=gevent)]
+
+
+@pytest.fixture(scope="module", params=_worker_classes())
+def two_servers(request, service_urls) -> Iterator[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """Two web processes of the given gunicorn worker class (one process each)."""
     database_url, redis_url = service_urls
     url = make_url(database_url).set(drivername="postgresql").render_as_string(False)
     processes, bases = [], []
     try:
         for _ in range(2):
             port = _free_port()
-            processes.append(_start(port, url, redis_url))
+            processes.append(_start(port, url, redis_url, request.param))
             bases.append(f"http://127.0.0.1:{port}")
         for base, process in zip(bases, processes, strict=True):
             _wait_healthy(base, process)
