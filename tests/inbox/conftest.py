@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 from werkzeug.serving import make_server
@@ -34,6 +35,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/inbox/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.committed)
+
+
+@pytest.fixture(autouse=True)
+def distinct_organization_ids(db) -> None:  # type: ignore[no-untyped-def]
+    """Start organization ids at a random height.
+
+    Redis pub/sub ignores database numbers: other test runs on the same Redis publish on
+    ``whistle:inbox:<org>:<recipient>`` with the same small ids; ours never collide with them.
+    """
+    start = random.randrange(10**6, 2**31)
+    with db.engine.begin() as conn:
+        conn.execute(text(f"ALTER TABLE organizations ALTER COLUMN id RESTART WITH {start}"))
 
 
 @pytest.fixture
