@@ -44,17 +44,22 @@ def batch_job_id(batch_id: int) -> str:
 
 
 def enqueue_planning(request: SendRequest) -> Job:
+    """Enqueue the planning job in one Redis round trip (``enqueue`` takes two)."""
     queue_name = HIGH if request.kind == SendRequestKind.TRIGGER else DEFAULT
-    return Queue(queue_name, connection=get_redis()).enqueue(
-        plan_send_request,
-        request.id,
-        request.organization_id,
-        job_id=planning_job_id(request.id),
-        job_timeout=JOB_TIMEOUT,
-        failure_ttl=FAILURE_TTL,
-        result_ttl=3600,
-        description=f"plan send request {request.id}",
+    (job,) = Queue(queue_name, connection=get_redis()).enqueue_many(
+        [
+            Queue.prepare_data(
+                plan_send_request,
+                args=(request.id, request.organization_id),
+                job_id=planning_job_id(request.id),
+                timeout=JOB_TIMEOUT,
+                failure_ttl=FAILURE_TTL,
+                result_ttl=3600,
+                description=f"plan send request {request.id}",
+            )
+        ]
     )
+    return job
 
 
 def enqueue_batches(

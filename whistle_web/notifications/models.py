@@ -31,6 +31,9 @@ class SendRequest(TenantScoped, db.Model):
     """A trigger or a campaign run: written in the request, planned by a worker."""
 
     __tablename__ = "send_requests"
+    # The INSERT returns the server defaults (status, created_at, ...): the API's answer
+    # needs them, and reading them back after the commit would cost another query.
+    __mapper_args__ = {"eager_defaults": True}
     __table_args__ = (
         Index(
             "uq_send_requests_idempotency",

@@ -172,8 +172,12 @@ def trigger(
     )
     due = request.send_at <= now
     db.session.add(request)
+    session = db.session()
     try:
-        db.session.commit()
+        # Nothing else changes this row before the answer is written: keep its loaded
+        # values instead of reading it back after the commit.
+        session.expire_on_commit = False
+        session.commit()
     except IntegrityError:
         # Another request with the same idempotency key won the race: return its result.
         db.session.rollback()
@@ -181,6 +185,8 @@ def trigger(
         if existing is None:
             raise
         return existing
+    finally:
+        session.expire_on_commit = True
     if due:
         from workers.sending import enqueue_planning
 
