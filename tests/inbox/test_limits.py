@@ -109,3 +109,19 @@ def test_the_hub_resubscribes_after_redis_drops_it(live_server, inbox, jobs, red
         while hub_module.hub.reconnects == before and time.monotonic() < deadline:
             time.sleep(0.05)
         assert hub_module.hub.reconnects == before + 1
+
+
+def test_a_server_failure_closes_1011_and_frees_the_slot(live_server, inbox, monkeypatch):
+    from whistle_web.inbox import services
+
+    def broken(owner: object) -> int:
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(services, "latest_seq", broken)
+    token = token_for(inbox["org"].id, "u-1")
+    with socket(live_server) as ws:
+        ws.send({"type": "auth", "token": token})
+        assert ws.close_code()[0] == 1011
+    monkeypatch.undo()
+    with socket(live_server) as ws:
+        assert ws.auth(token)["recipient"] == "u-1"

@@ -213,3 +213,33 @@ def test_read_all_and_events_api_reach_open_sockets(live_server, inbox, jobs, ma
         assert ws.expect("unread_count")["count"] == 0
     assert all(d.read_at for d in deliveries_of(org.id, ada.id))
     assert_counters_match_ledger(org.id, StatScope.ORGANIZATION, org.id)
+
+
+def test_a_rate_limited_in_app_provider_also_numbers_its_items(live_server, inbox, jobs):
+    """The general send path (a paced in-app provider) publishes and stores seqs too."""
+    from whistle_web.channels.kinds import Channel, ProviderKind
+    from whistle_web.extensions import db
+    from whistle_web.models import Provider
+    from whistle_web.tenancy import organization_scope
+
+    org, ada = inbox["org"], inbox["ada"]
+    with organization_scope(org.id):
+        provider = Provider(
+            channel=Channel.IN_APP,
+            kind=ProviderKind.IN_APP,
+            name="Paced inbox",
+            rate_limit_per_second=1000,
+        )
+        provider.set_credentials({})
+        db.session.add(provider)
+        db.session.commit()
+    with socket(live_server) as ws:
+        ready = ws.auth(token_for(org.id, "u-1"))
+        send_in_app(org.id, "u-1", jobs, reason="paced")
+        frame = ws.expect("notification")
+    (delivery,) = deliveries_of(org.id, ada.id)
+    assert frame["id"] == delivery.id and frame["body"] == "paced"
+    assert ready["seq"] < frame["seq"] <= delivery.inbox_seq
+    with socket(live_server) as ws:
+        ws.auth(token_for(org.id, "u-1"), last_seq=ready["seq"])
+        assert ws.expect("notification")["id"] == delivery.id

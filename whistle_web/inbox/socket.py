@@ -57,6 +57,7 @@ CLOSE_ORIGIN = 4003
 CLOSE_RATE = 4008
 CLOSE_TOO_MANY = 4009
 CLOSE_MALFORMED = 4400
+CLOSE_SERVER_ERROR = 1011
 # A published frame's own seq: the first "seq" key, which precedes any item data.
 _SEQ = re.compile(r'"seq":(\d+)')
 CLIENT_TYPES = frozenset({"auth", "seen", "read", "read_all", "archive", "clicked", "pong"})
@@ -225,6 +226,9 @@ class InboxSocket:
             self._close(close.code, close.reason)
         except ConnectionClosed:
             pass
+        except Exception:  # the database or Redis failed: say so, the widget reconnects
+            log.exception("ws: socket failed")
+            self._close(CLOSE_SERVER_ERROR, "Server error; reconnect later.")
         finally:
             if self.client is not None:
                 hub.unregister(self.client)
@@ -246,7 +250,7 @@ class InboxSocket:
             self.ws.sock.shutdown(socket.SHUT_RDWR)
 
     def _close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(ConnectionClosed):
+        with contextlib.suppress(ConnectionClosed, OSError):
             self.ws.close(reason=code, message=reason)
 
     def send(self, frame: dict[str, Any] | str) -> None:
