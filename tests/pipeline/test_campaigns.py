@@ -14,16 +14,18 @@ from whistle_web.campaigns.models import AudienceType, Campaign, CampaignStatus
 from whistle_web.campaigns.services import (
     cancel_campaign,
     create_campaign,
+    delete_campaign,
     launch_campaign,
     pause_campaign,
     resume_campaign,
+    update_campaign,
 )
 from whistle_web.deliveries import planner
 from whistle_web.deliveries.models import Delivery, DeliveryBatch, StatScope
 from whistle_web.deliveries.sweeper import tick
 from whistle_web.errors import InvalidState, ValidationError
 from whistle_web.extensions import db
-from whistle_web.models import SendRequest
+from whistle_web.models import AuditLog, SendRequest
 from whistle_web.tenancy import organization_scope
 from workers.sending import plan_send_request, send_batch
 
@@ -228,3 +230,67 @@ def test_other_organizations_cannot_touch_a_campaign(org, other_org, audience):
                 action(campaign.id, actor=SYSTEM)
     with organization_scope(org.id):
         assert db.session.get(Campaign, campaign.id).status == CampaignStatus.DRAFT
+
+
+def test_editing_a_draft_changes_only_what_is_given_and_audits_it(org, audience, make_template):
+    make_template(org, "other", CONTENT)
+    campaign = _campaign(org)
+    with organization_scope(org.id):
+        edited = update_campaign(
+            campaign.id,
+            {
+                "name": "  December digest ",
+                "template_key": "other",
+                "audience_type": AudienceType.LIST,
+                "external_ids": ["c01", "c02", "c01"],
+            },
+            actor=SYSTEM,
+        )
+        assert edited.name == "December digest"
+        assert edited.audience_type == AudienceType.LIST
+        assert edited.audience_external_ids == ["c01", "c02"]
+        assert edited.channels == ["in_app"]  # untouched
+        audit = db.session.scalar(
+            select(AuditLog).where(AuditLog.action == "campaign.updated").order_by(AuditLog.id)
+        )
+        assert audit.changes == {
+            "fields": ["audience_external_ids", "audience_type", "name", "template_id"]
+        }
+
+
+def test_editing_reports_every_bad_field_and_changes_nothing(org, audience):
+    campaign = _campaign(org)
+    with organization_scope(org.id):
+        with pytest.raises(ValidationError) as caught:
+            update_campaign(
+                campaign.id,
+                {
+                    "name": " ",
+                    "template_key": "missing",
+                    "audience_type": AudienceType.TOPIC,
+                    "topic_key": "nope",
+                    "cron": "every day",
+                    "cron_timezone": "Mars/Olympus",
+                },
+                actor=SYSTEM,
+            )
+        fields = {e.field for e in caught.value.errors}
+        assert fields == {"name", "template", "topic", "cron", "cron_timezone"}
+        db.session.rollback()
+        assert db.session.get(Campaign, campaign.id).name == "November digest"
+
+
+def test_a_sent_campaign_can_be_neither_edited_nor_deleted(org, audience, jobs):
+    campaign = _campaign(org)
+    draft = _campaign(org)
+    with organization_scope(org.id):
+        launch_campaign(campaign.id, actor=SYSTEM)
+    jobs()
+    with organization_scope(org.id):
+        with pytest.raises(InvalidState):
+            update_campaign(campaign.id, {"name": "x"}, actor=SYSTEM)
+        with pytest.raises(InvalidState):
+            delete_campaign(campaign.id, actor=SYSTEM)
+        delete_campaign(draft.id, actor=SYSTEM)
+        assert db.session.get(Campaign, draft.id) is None
+        assert db.session.get(Campaign, campaign.id) is not None

@@ -14,7 +14,14 @@ from whistle_web.channels.in_app import inbox_channel
 from whistle_web.deliveries.models import Delivery, StatScope
 from whistle_web.errors import InvalidState, ValidationError
 from whistle_web.extensions import db
-from whistle_web.models import Notification, Recipient, SendRequest, Subscription, Topic
+from whistle_web.models import (
+    AuditLog,
+    Notification,
+    Recipient,
+    SendRequest,
+    Subscription,
+    Topic,
+)
 from whistle_web.notifications.models import SendRequestStatus
 from whistle_web.notifications.services import cancel_notification, cancel_send_request, trigger
 from whistle_web.tenancy import organization_scope
@@ -200,5 +207,9 @@ def test_cancel_a_notification_whose_deliveries_are_queued(
         assert cancel_notification(notification.id, actor=SYSTEM) == 2
         with pytest.raises(InvalidState):
             cancel_notification(notification.id, actor=SYSTEM)
+        audits = db.session.execute(select(AuditLog.action, AuditLog.target_id, AuditLog.changes))
+        assert [tuple(a) for a in audits] == [
+            ("notification.cancelled", str(notification.id), {"cancelled": 2})
+        ]
     jobs()
     assert statuses() == {"cancelled": 2}

@@ -7,12 +7,19 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from whistle_web.audiences.models import Segment, Topic
 from whistle_web.campaigns.models import AudienceType, Campaign, CampaignStatus
 from whistle_web.deliveries.models import BatchStatus, Delivery, DeliveryBatch
-from whistle_web.errors import Actor, FieldError, InvalidState, NotFound, ValidationError
+from whistle_web.errors import (
+    Actor,
+    DomainError,
+    FieldError,
+    InvalidState,
+    NotFound,
+    ValidationError,
+)
 from whistle_web.extensions import db
 from whistle_web.message_templates.models import Template, TemplateVersion
 from whistle_web.notifications.models import SendRequest, SendRequestKind, SendRequestStatus
@@ -114,6 +121,153 @@ def create_campaign(
     record_audit(actor, "campaign.created", "campaign", campaign.id, {"name": campaign.name})
     db.session.commit()
     return campaign
+
+
+EDITABLE = (CampaignStatus.DRAFT, CampaignStatus.SCHEDULED)
+# What update_campaign takes (the audience as create_campaign takes it).
+UPDATABLE = frozenset(
+    {
+        "name",
+        "template_key",
+        "channels",
+        "audience_type",
+        "segment_id",
+        "topic_key",
+        "external_ids",
+        "send_at",
+        "local_send_time",
+        "cron",
+        "cron_timezone",
+        "data",
+    }
+)
+
+
+def _audience_values(changes: dict[str, Any], errors: list[FieldError]) -> dict[str, Any]:
+    try:
+        audience = AudienceType(changes["audience_type"])
+    except ValueError:
+        errors.append(FieldError("audience", "Use segment, topic, list or all."))
+        return {}
+    values: dict[str, Any] = {
+        "audience_type": audience,
+        "segment_id": None,
+        "topic_id": None,
+        "audience_external_ids": [],
+    }
+    if audience == AudienceType.SEGMENT:
+        segment_id = changes.get("segment_id")
+        if segment_id is None or db.session.get(Segment, segment_id) is None:
+            errors.append(FieldError("segment", "Choose an existing segment."))
+        values["segment_id"] = segment_id
+    elif audience == AudienceType.TOPIC:
+        topic_id = db.session.scalar(
+            select(Topic.id).where(Topic.key == (changes.get("topic_key") or ""))
+        )
+        if topic_id is None:
+            errors.append(FieldError("topic", "Choose an existing topic."))
+        values["topic_id"] = topic_id
+    elif audience == AudienceType.LIST:
+        external_ids = list(dict.fromkeys(changes.get("external_ids") or []))
+        if not external_ids:
+            errors.append(FieldError("to", "Paste at least one external id."))
+        values["audience_external_ids"] = external_ids
+    return values
+
+
+def update_campaign(campaign_id: int, changes: dict[str, Any], *, actor: Actor) -> Campaign:
+    """Edit a draft or scheduled campaign; a scheduled one is rescheduled. Commits.
+
+    ``changes`` holds only what changes (keys in :data:`UPDATABLE`; ``None`` clears
+    ``send_at``, ``local_send_time``, ``cron`` and ``data``). The audience is replaced as a
+    whole when ``audience_type`` is given.
+
+    Raises:
+        NotFound. InvalidState: not draft or scheduled. ValidationError: the field.
+    """
+    unknown = set(changes) - UPDATABLE
+    if unknown:
+        raise ValueError(f"not campaign fields: {', '.join(sorted(unknown))}")
+    campaign = _get(campaign_id, lock=True)
+    if campaign.status not in EDITABLE:
+        raise InvalidState(f"A {campaign.status} campaign cannot be edited.")
+    errors: list[FieldError] = []
+    values: dict[str, Any] = {}
+    if changes.get("name") is not None:
+        values["name"] = changes["name"].strip()
+        if not values["name"]:
+            errors.append(FieldError("name", "Give the campaign a name."))
+    if changes.get("template_key") is not None:
+        template_id = db.session.scalar(
+            select(Template.id).where(Template.key == changes["template_key"])
+        )
+        if template_id is None:
+            errors.append(
+                FieldError("template", f"No template with key {changes['template_key']!r}.")
+            )
+        values["template_id"] = template_id
+    if changes.get("channels") is not None:
+        values["channels"] = list(dict.fromkeys(str(c) for c in changes["channels"]))
+        if not values["channels"]:
+            errors.append(FieldError("channels", "Choose at least one channel."))
+    if "audience_type" in changes:
+        values.update(_audience_values(changes, errors))
+    if "send_at" in changes:
+        send_at = changes["send_at"]
+        if send_at is not None and send_at.tzinfo is None:
+            errors.append(FieldError("send_at", "Give a time zone (RFC 3339)."))
+        values["send_at"] = send_at
+    if "local_send_time" in changes:
+        values["local_send_time"] = changes["local_send_time"]
+    if "cron" in changes:
+        cron = changes["cron"] or None
+        if cron and not croniter.is_valid(cron):
+            errors.append(FieldError("cron", "Not a cron expression, e.g. '0 9 * * MON'."))
+        values["cron"] = cron
+    if changes.get("cron_timezone") is not None:
+        try:
+            ZoneInfo(changes["cron_timezone"])
+        except (ZoneInfoNotFoundError, ValueError):
+            errors.append(FieldError("cron_timezone", "Not an IANA time zone."))
+        values["cron_timezone"] = changes["cron_timezone"]
+    if "data" in changes:
+        values["data"] = changes["data"] or {}
+    require_valid(errors)
+    changed = sorted(name for name, value in values.items() if getattr(campaign, name) != value)
+    if not changed:
+        return campaign
+    for name in changed:
+        setattr(campaign, name, values[name])
+    record_audit(actor, "campaign.updated", "campaign", campaign.id, {"fields": changed})
+    if campaign.status == CampaignStatus.SCHEDULED:
+        now = datetime.now(UTC)
+        if not campaign.cron and (campaign.send_at is None or campaign.send_at <= now):
+            db.session.rollback()
+            raise ValidationError.single(
+                "send_at",
+                "A scheduled campaign needs a future send_at or a cron; launch it to send now.",
+            )
+        try:
+            return launch_campaign(campaign.id, actor=actor, now=now)  # reschedules; commits
+        except DomainError:
+            db.session.rollback()
+            raise
+    db.session.commit()
+    return campaign
+
+
+def delete_campaign(campaign_id: int, *, actor: Actor) -> None:
+    """Delete a draft or scheduled campaign that never ran. Commits.
+
+    Raises:
+        NotFound. InvalidState: it has run (cancel it instead: its history stays).
+    """
+    campaign = _get(campaign_id, lock=True)
+    if campaign.status not in EDITABLE or campaign.launched_at is not None:
+        raise InvalidState(f"A {campaign.status} campaign that has run cannot be deleted.")
+    record_audit(actor, "campaign.deleted", "campaign", campaign.id, {"name": campaign.name})
+    db.session.execute(delete(Campaign).where(Campaign.id == campaign.id))
+    db.session.commit()
 
 
 def launch_campaign(campaign_id: int, *, actor: Actor, now: datetime | None = None) -> Campaign:

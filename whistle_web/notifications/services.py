@@ -26,6 +26,7 @@ from whistle_web.notifications.models import (
     SendRequestKind,
     SendRequestStatus,
 )
+from whistle_web.organizations.services import record_audit
 from whistle_web.recipients.models import Recipient
 from whistle_web.recipients.services import (
     ids_for_external_ids,
@@ -227,6 +228,7 @@ def cancel_send_request(send_request_id: int, *, actor: Actor) -> int:
         request.cancelled_at = datetime.now(UTC)
     notifications = select(Notification.id).where(Notification.send_request_id == request.id)
     count = cancel_queued_deliveries(Delivery.notification_id.in_(notifications))
+    record_audit(actor, "send_request.cancelled", "send_request", request.id, {"cancelled": count})
     db.session.commit()
     return count
 
@@ -245,6 +247,9 @@ def cancel_notification(notification_id: int, *, actor: Actor) -> int:
     if count == 0:
         db.session.rollback()
         raise InvalidState("Nothing left to cancel: every delivery was already sent or settled.")
+    record_audit(
+        actor, "notification.cancelled", "notification", notification.id, {"cancelled": count}
+    )
     db.session.commit()
     return count
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
 from pydantic import Field
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
 from whistle_web.api import bp
 from whistle_web.api.framework import Out, Schema, current_actor, endpoint, page
@@ -21,7 +19,7 @@ from whistle_web.api.resources.sending import (
     Timestamp,
     hhmm,
 )
-from whistle_web.audiences.models import Segment, Topic
+from whistle_web.audiences.models import Topic
 from whistle_web.campaigns.models import AudienceType, Campaign, CampaignStatus
 from whistle_web.campaigns.services import (
     cancel_campaign,
@@ -29,25 +27,22 @@ from whistle_web.campaigns.services import (
     launch_campaign,
     pause_campaign,
     resume_campaign,
+    update_campaign,
 )
+from whistle_web.campaigns.services import delete_campaign as delete_campaign_service
 from whistle_web.channels.kinds import Channel
 from whistle_web.deliveries.models import StatScope
 from whistle_web.deliveries.services import funnel
 from whistle_web.errors import (
     Actor,
     DomainError,
-    FieldError,
-    InvalidState,
     NotFound,
     ValidationError,
 )
 from whistle_web.extensions import db
 from whistle_web.message_templates.models import Template
-from whistle_web.organizations.services import record_audit
-from whistle_web.recipients.services import require_valid
 
 TAGS = ["Campaigns"]
-EDITABLE = (CampaignStatus.DRAFT, CampaignStatus.SCHEDULED)
 StatusName = Literal["draft", "scheduled", "sending", "paused", "completed", "cancelled", "failed"]
 AUDIENCE_FIELDS = ("segment", "topic", "to", "everyone")
 
@@ -302,92 +297,6 @@ def show_campaign(id: int) -> CampaignOut:
     return campaigns_out([get_campaign(id)])[0]
 
 
-def update_campaign(campaign_id: int, changes: dict[str, Any], *, actor: Actor) -> Campaign:
-    """Edit a draft or scheduled campaign; a scheduled one is rescheduled. Commits.
-
-    Belongs in :mod:`whistle_web.campaigns.services` (kept here until that module's owner
-    takes it over).
-
-    Raises:
-        NotFound. InvalidState: not draft or scheduled. ValidationError: the field.
-    """
-    campaign = db.session.scalar(
-        select(Campaign).where(Campaign.id == campaign_id).with_for_update()
-    )
-    if campaign is None:
-        raise NotFound("Campaign not found.")
-    if campaign.status not in EDITABLE:
-        raise InvalidState(f"A {campaign.status} campaign cannot be edited.")
-    errors: list[FieldError] = []
-    values: dict[str, Any] = {}
-    if changes.get("name") is not None:
-        values["name"] = changes["name"].strip()
-    if changes.get("template") is not None:
-        template_id = db.session.scalar(
-            select(Template.id).where(Template.key == changes["template"])
-        )
-        if template_id is None:
-            errors.append(FieldError("template", f"No template with key {changes['template']!r}."))
-        values["template_id"] = template_id
-    if changes.get("channels") is not None:
-        values["channels"] = list(dict.fromkeys(str(c) for c in changes["channels"]))
-    if any(name in changes for name in AUDIENCE_FIELDS):
-        audience, args = _audience(changes)
-        values.update(
-            audience_type=audience, segment_id=None, topic_id=None, audience_external_ids=[]
-        )
-        if audience == AudienceType.SEGMENT:
-            if db.session.get(Segment, args["segment_id"]) is None:
-                errors.append(FieldError("segment", "Choose an existing segment."))
-            values["segment_id"] = args["segment_id"]
-        elif audience == AudienceType.TOPIC:
-            topic_id = db.session.scalar(select(Topic.id).where(Topic.key == args["topic_key"]))
-            if topic_id is None:
-                errors.append(FieldError("topic", "Choose an existing topic."))
-            values["topic_id"] = topic_id
-        elif audience == AudienceType.LIST:
-            values["audience_external_ids"] = list(dict.fromkeys(args["external_ids"]))
-    if "send_at" in changes:
-        values["send_at"] = changes["send_at"]
-    if "local_time" in changes:
-        values["local_send_time"] = changes["local_time"]
-    if "cron" in changes:
-        cron = changes["cron"] or None
-        if cron and not croniter.is_valid(cron):
-            errors.append(FieldError("cron", "Not a cron expression, e.g. '0 9 * * MON'."))
-        values["cron"] = cron
-    if changes.get("cron_timezone") is not None:
-        try:
-            ZoneInfo(changes["cron_timezone"])
-        except (ZoneInfoNotFoundError, ValueError):
-            errors.append(FieldError("cron_timezone", "Not an IANA time zone."))
-        values["cron_timezone"] = changes["cron_timezone"]
-    if "data" in changes:
-        values["data"] = changes["data"] or {}
-    require_valid(errors)
-    changed = sorted(name for name, value in values.items() if getattr(campaign, name) != value)
-    if not changed:
-        return campaign
-    for name in changed:
-        setattr(campaign, name, values[name])
-    record_audit(actor, "campaign.updated", "campaign", campaign.id, {"fields": changed})
-    if campaign.status == CampaignStatus.SCHEDULED:
-        now = datetime.now(UTC)
-        if not campaign.cron and (campaign.send_at is None or campaign.send_at <= now):
-            db.session.rollback()
-            raise _invalid(
-                "send_at",
-                "A scheduled campaign needs a future send_at or a cron; launch it to send now.",
-            )
-        try:
-            return launch_campaign(campaign.id, actor=actor, now=now)  # reschedules; commits
-        except DomainError:
-            db.session.rollback()
-            raise
-    db.session.commit()
-    return campaign
-
-
 @endpoint(
     bp,
     "PATCH",
@@ -403,7 +312,15 @@ def patch_campaign(id: int, body: CampaignPatch) -> CampaignOut:
     """409 once the campaign is sending or finished. A scheduled campaign is rescheduled
     with its new settings (it must keep a future `send_at` or a `cron`); `null` clears
     `send_at`, `local_time`, `cron` or `data`."""
-    changes = body.model_dump(exclude_unset=True)
+    given = body.model_dump(exclude_unset=True)
+    changes: dict[str, Any] = {}
+    renamed = {"template": "template_key", "local_time": "local_send_time"}
+    for name, value in given.items():
+        if name not in AUDIENCE_FIELDS:
+            changes[renamed.get(name, name)] = value
+    if any(name in given for name in AUDIENCE_FIELDS):
+        audience, args = _audience(given)
+        changes.update(audience_type=audience, **args)
     return _one(update_campaign(id, changes, actor=current_actor()))
 
 
@@ -419,16 +336,7 @@ def patch_campaign(id: int, body: CampaignPatch) -> CampaignOut:
 )
 def delete_campaign(id: int) -> None:
     """409 once it has sent anything (cancel it instead: its history stays)."""
-    campaign = db.session.scalar(select(Campaign).where(Campaign.id == id).with_for_update())
-    if campaign is None:
-        raise NotFound("Campaign not found.")
-    if campaign.status not in EDITABLE or campaign.launched_at is not None:
-        raise InvalidState(f"A {campaign.status} campaign that has run cannot be deleted.")
-    record_audit(
-        current_actor(), "campaign.deleted", "campaign", campaign.id, {"name": campaign.name}
-    )
-    db.session.execute(delete(Campaign).where(Campaign.id == campaign.id))
-    db.session.commit()
+    delete_campaign_service(id, actor=current_actor())
 
 
 def _transition(

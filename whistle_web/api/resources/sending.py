@@ -31,7 +31,6 @@ from whistle_web.extensions import db
 from whistle_web.message_templates.models import Template
 from whistle_web.notifications.models import Notification, SendRequest, SendRequestKind
 from whistle_web.notifications.services import cancel_send_request, trigger
-from whistle_web.organizations.services import record_audit
 from whistle_web.recipients.models import Recipient
 
 # --- shared field types (also used by the campaigns and settings resources) ----------------
@@ -413,12 +412,7 @@ def cancel_notification_request(id: int) -> CancelOut:
     sr = get_send_request(id)
     if sr.kind == SendRequestKind.CAMPAIGN:
         raise InvalidState("This send belongs to a campaign: cancel the campaign instead.")
-    cancelled = cancel_send_request(sr.id, actor=current_actor())
-    record_audit(
-        current_actor(), "send_request.cancelled", "send_request", sr.id, {"cancelled": cancelled}
-    )
-    db.session.commit()
-    return CancelOut(cancelled=cancelled)
+    return CancelOut(cancelled=cancel_send_request(sr.id, actor=current_actor()))
 
 
 @endpoint(
