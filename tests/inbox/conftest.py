@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,21 +30,27 @@ from whistle_web.notifications.services import trigger
 from whistle_web.preferences.services import issue_recipient_token
 from whistle_web.tenancy import organization_scope
 
+SERVED = {"live_server", "two_servers", "inbox"}
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "tests/inbox/" in str(item.fspath).replace(os.sep, "/"):
+        path = str(item.fspath).replace(os.sep, "/")
+        if "tests/inbox/" in path and SERVED & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.committed)
 
 
 @pytest.fixture(autouse=True)
-def distinct_organization_ids(db) -> None:  # type: ignore[no-untyped-def]
-    """Start organization ids at a random height.
+def distinct_organization_ids(request, db) -> None:  # type: ignore[no-untyped-def]
+    """Start organization ids at a random height (committed tests).
 
     Redis pub/sub ignores database numbers: other test runs on the same Redis publish on
     ``whistle:inbox:<org>:<recipient>`` with the same small ids; ours never collide with them.
     """
-    start = random.randrange(10**6, 2**31)
+    if not request.node.get_closest_marker("committed"):
+        return
+    # Not the random module: test plugins may seed it, and two runs would pick alike.
+    start = 10**6 + secrets.randbelow(2**31 - 10**6)
     with db.engine.begin() as conn:
         conn.execute(text(f"ALTER TABLE organizations ALTER COLUMN id RESTART WITH {start}"))
 

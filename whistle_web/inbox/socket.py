@@ -188,7 +188,8 @@ def parse_frame(raw: Any) -> dict[str, Any]:
         frame = json.loads(raw)
     except (TypeError, ValueError):
         raise Close(CLOSE_MALFORMED, "Frames are JSON objects.") from None
-    if not isinstance(frame, dict) or frame.get("type") not in CLIENT_TYPES:
+    kind = frame.get("type") if isinstance(frame, dict) else None
+    if not isinstance(kind, str) or kind not in CLIENT_TYPES:
         raise Close(CLOSE_MALFORMED, "Unknown frame type.")
     return frame
 
