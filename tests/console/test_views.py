@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
+from tests.console.conftest import csrf_token, sign_in
 from tests.factories import PASSWORD
 from whistle_web.demo import DEMO_EMAIL, DEMO_PASSWORD, seed_demo
-
-
-def csrf_token(client, path="/login") -> str:
-    page = client.get(path).get_data(as_text=True)
-    match = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page) or re.search(
-        r'name="csrf-token" content="([^"]+)"', page
-    )
-    assert match, "no CSRF token on the page"
-    return match.group(1)
-
-
-def sign_in(client, email, password, **query):
-    token = csrf_token(client)
-    return client.post(
-        "/login",
-        query_string=query,
-        data={"email": email, "password": password, "csrf_token": token},
-    )
 
 
 def test_login_page_has_the_fields_and_a_csrf_token(client):

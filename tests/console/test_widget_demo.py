@@ -7,7 +7,7 @@ import re
 import pytest
 from sqlalchemy import select
 
-from tests.console.test_views import csrf_token, sign_in
+from tests.console.conftest import csrf_token, sign_in
 from tests.factories import PASSWORD
 from whistle_web.extensions import db
 from whistle_web.models import SendRequest, Template, TemplateVersion, VersionState
