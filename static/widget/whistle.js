@@ -755,7 +755,10 @@
             this.nextCursor = page.next_cursor || null;
           }
           this.feedLoaded = true;
-          if (typeof page.unread_count === "number") {
+          // A count older than frames already received (a notification that arrived while
+          // this page was in flight) would undo them; the socket keeps the count then.
+          const current = this.lastSeq === null || typeof page.seq !== "number" || page.seq >= this.lastSeq;
+          if (typeof page.unread_count === "number" && (current || !this.live)) {
             this.unread = page.unread_count;
           }
           if (typeof page.preferences_url === "string") {

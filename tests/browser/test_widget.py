@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import expect
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from tests.pipeline.conftest import run_jobs
 from whistle_web.accounts.services import create_api_key
@@ -38,6 +39,11 @@ def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
 @pytest.fixture
 def demo(app, live_server):  # type: ignore[no-untyped-def]
     """The demo organization, allowed to embed from the live server, with a build template."""
+    # Redis pub/sub channels ignore the database number, and inbox channels are named by
+    # organization and recipient id: a random organization id keeps other test runs on the
+    # same Redis (which start their ids at 1) from talking to this page's socket.
+    start = random.randint(10**6, 10**9)
+    db.session.execute(text(f"ALTER TABLE organizations ALTER COLUMN id RESTART WITH {start}"))
     seed_demo()
     org = db.session.scalar(unscoped(select(Organization).where(Organization.slug == DEMO_SLUG)))
     org.allowed_origins = [*org.allowed_origins, live_server]

@@ -95,6 +95,10 @@ class FakeWhistle:
         )
 
     def push(self, frame: dict[str, Any], socket: int = -1) -> None:
+        """Send a frame; a notification also becomes (or replaces) the feed's item."""
+        if frame["type"] == "notification":
+            self.feed = [i for i in self.feed if i["id"] != frame["id"]] + [frame]
+            self.seq = max(self.seq, frame["seq"])
         self.sockets[socket].send(json.dumps(frame))
 
     def _inbox(self, route: Route) -> None:
@@ -162,11 +166,11 @@ def test_one_script_tag_live_updates_resume_and_safety(live_server, page):
     bell = page.locator(f"{WIDGET} button.bell")
     badge = page.locator(f"{WIDGET} .badge")
     expect(badge).to_have_text("1")
+    expect(page.locator(f"{WIDGET} li.item")).to_have_count(2)  # the feed is in
     assert fake.frames[0][0] == {"type": "auth", "token": token}  # no last_seq at first
     assert ("GET", "/api/v1/inbox", None) in fake.http  # the first page came from the feed
 
     # A live notification: counted, announced, listed first; no reload.
-    fake.seq = 11
     fake.push(item(3, 11, "Deploy finished", action_url="https://app.example/deploys/3"))
     expect(badge).to_have_text("2")
     expect(page.locator(f"{WIDGET} [aria-live=polite]")).to_have_text(
@@ -215,7 +219,6 @@ def test_one_script_tag_live_updates_resume_and_safety(live_server, page):
     expect(page.locator(f"{WIDGET} .status")).to_have_text("Reconnecting\u2026")
     page.wait_for_function("() => window.Whistle.instances[0].live", timeout=10000)
     assert fake.frames[1][0]["last_seq"] == 12
-    fake.seq = 14
     fake.push(item(4, 13, "Missed while away"))
     fake.push(item(3, 14, "Deploy finished", archived_at="2026-11-24T07:01:00+00:00"))
     fake.push({"type": "unread_count", "count": 1})
