@@ -148,3 +148,23 @@ def test_sending_a_test_notification(client, staff, make_recipient, redis):
     assert bad.status_code == 303
     page = client.get(bad.headers["Location"]).get_data(as_text=True)
     assert "Nothing was sent" in page and "No template with key &#39;nope&#39;" in page
+
+
+def test_a_viewer_sees_the_demo_but_cannot_send(login_as, org, make_recipient):
+    from whistle_web.accounts.models import Role
+
+    make_recipient(org, "ours")
+    in_app_template(org)
+    viewer = login_as(Role.VIEWER)
+    page = viewer.get("/widget/demo")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert verify_recipient_token(token_on(html)).external_id == "ours"
+    assert "demo-send" not in html
+    response = viewer.post(
+        "/widget/demo/send",
+        data={"csrf_token": viewer.csrf, "recipient": "ours", "template": "welcome"},
+    )
+    assert response.status_code == 403
+    with organization_scope(org.id):
+        assert db.session.scalars(select(SendRequest)).all() == []

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import abort, flash, g, jsonify, redirect, render_template, request, url_for
-from flask_login import current_user, login_required
+from flask import flash, g, jsonify, redirect, render_template, request, url_for
 from sqlalchemy import select
 
 from whistle_web.channels.kinds import Channel
+from whistle_web.console.access import actor, requires
 from whistle_web.console.views import bp
-from whistle_web.errors import Actor, DomainError, InvalidState, NotFound
+from whistle_web.errors import DomainError, InvalidState, NotFound
 from whistle_web.extensions import db
 from whistle_web.message_templates.models import Template, TemplateVersion
 from whistle_web.notifications.services import trigger
@@ -24,15 +24,6 @@ from whistle_web.preferences.services import get_recipient, issue_recipient_toke
 from whistle_web.recipients.models import Recipient
 
 MAX_EXTERNAL_ID = 255
-
-
-def _member() -> None:
-    if g.get("membership") is None:
-        abort(403)
-
-
-def _actor() -> Actor:
-    return Actor("user", current_user.id, current_user.email, ip_address=request.remote_addr)
 
 
 def _chosen_recipient(external_id: str) -> Recipient:
@@ -62,10 +53,9 @@ def in_app_templates() -> list[Template]:
 
 
 @bp.get("/widget/demo")
-@login_required
+@requires("view")
 def widget_demo() -> Any:
     """A sample host page showing the widget for a recipient of this organization."""
-    _member()
     external_id = request.args.get("recipient", "").strip()
     context: dict[str, Any] = {"external_id": external_id, "templates": in_app_templates()}
     try:
@@ -84,10 +74,9 @@ def widget_demo() -> Any:
 
 
 @bp.post("/widget/demo/token")
-@login_required
+@requires("view")
 def widget_demo_token() -> Any:
     """A fresh token for the demo's widget when its own expires (its ``onTokenExpired``)."""
-    _member()
     external_id = str((request.get_json(silent=True) or {}).get("recipient") or "").strip()
     try:
         recipient = _chosen_recipient(external_id)
@@ -98,10 +87,9 @@ def widget_demo_token() -> Any:
 
 
 @bp.post("/widget/demo/send")
-@login_required
+@requires("send")
 def widget_demo_send() -> Any:
     """Send the demo recipient an in-app notification from a template (as the API would)."""
-    _member()
     external_id = request.form.get("recipient", "").strip()
     template_key = request.form.get("template", "").strip()
     wants_json = request.accept_mimetypes.best == "application/json"
@@ -112,7 +100,7 @@ def widget_demo_send() -> Any:
             to=[recipient.external_id],
             channels=[Channel.IN_APP.value],
             data={"source": "widget demo"},
-            actor=_actor(),
+            actor=actor(),
         )
     except DomainError as exc:
         if wants_json:
