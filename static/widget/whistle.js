@@ -687,7 +687,16 @@
       } else {
         request = this._request("POST", "/api/v1/inbox/" + encodeURIComponent(fields.id) + "/" + type, {});
       }
-      return request.then(() => (this.live ? undefined : this._refreshUnread()));
+      return request.then((body) => {
+        if (this.live) {
+          return undefined; // the socket sends the new count
+        }
+        if (body && typeof body.unread_count === "number") {
+          this._setUnread(body.unread_count);
+          return undefined;
+        }
+        return this._refreshUnread();
+      });
     }
 
     _refreshUnread() {

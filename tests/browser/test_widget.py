@@ -20,6 +20,7 @@ from whistle_web.errors import Actor
 from whistle_web.extensions import db
 from whistle_web.models import Organization, Recipient, Template, TemplateVersion, VersionState
 from whistle_web.tenancy import organization_scope, unscoped
+from whistle_web.tracking import links
 
 RECIPIENT = "user_0001"
 WIDGET = "whistle-inbox"  # Playwright's CSS engine pierces the widget's open shadow root
@@ -89,6 +90,20 @@ def unread_in_db(org_id: int, recipient_id: int) -> int:
 
 def build_delivery(org_id: int, recipient_id: int) -> Delivery | None:
     return build_deliveries(org_id, recipient_id).get("42")
+
+
+def inbox_size(org_id: int, recipient_id: int) -> int:
+    with organization_scope(org_id):
+        return db.session.scalar(
+            select(func.count())
+            .select_from(Delivery)
+            .where(
+                Delivery.recipient_id == recipient_id,
+                Delivery.channel == "in_app",
+                Delivery.sent_at.is_not(None),
+                Delivery.archived_at.is_(None),
+            )
+        )
 
 
 def build_deliveries(org_id: int, recipient_id: int) -> dict[str, Delivery]:
@@ -161,6 +176,14 @@ def test_the_widget_receives_live_and_marks_read(app, live_server, page, demo, r
         expect(badge).to_have_text(str(before))
     else:
         expect(badge).to_be_hidden()
+    # The first page of the inbox came from the HTTP feed; the preference link is signed.
+    items = page.locator(f"{WIDGET} li.item")
+    expect(items).to_have_count(inbox_size(org_id, recipient_id))
+    prefs = page.locator(f"{WIDGET} a.prefs").get_attribute("href")
+    token = prefs.rsplit("/p/", 1)[1]
+    assert links.verify_preferences(token, secret=app.config["SECRET_KEY"]) == (
+        links.LinkPayload("preferences", org_id, recipient_id=recipient_id)
+    )
     page.evaluate("window.__sameDocument = true")
 
     # Trigger through the API, then let a worker deliver it.
@@ -251,3 +274,34 @@ def test_the_widget_receives_live_and_marks_read(app, live_server, page, demo, r
     assert bell.evaluate("e => getComputedStyle(e).backgroundColor") != "rgb(255, 212, 59)"
     assert bell.evaluate("e => getComputedStyle(e).textTransform") == "none"
     assert errors == [], errors
+
+
+def test_without_a_socket_the_widget_works_over_the_http_feed(app, live_server, page, demo, redis):
+    """The socket is refused (a proxy that drops WebSockets): the real feed API serves."""
+    org_id, recipient_id = demo["org"].id, demo["recipient_id"]
+    page.route_web_socket(re.compile(r".*/ws$"), lambda ws: ws.close(code=1011, reason="no"))
+    page.context.route(
+        "https://acme.test/**", lambda route: route.fulfill(body="ok", content_type="text/plain")
+    )
+    trigger(app, demo["api_key"], "7")
+    assert run_jobs(redis) >= 1
+    before = unread_in_db(org_id, recipient_id)
+    assert before >= 1
+
+    sign_in(page, live_server)
+    page.goto(f"{live_server}/widget/demo?recipient={RECIPIENT}")
+    badge = page.locator(f"{WIDGET} .badge")
+    expect(badge).to_have_text(str(before), timeout=10000)
+    assert page.evaluate("window.whistleDemo.live") is False
+    page.locator(f"{WIDGET} button.bell").click()
+    item = page.locator(f"{WIDGET} li.item", has_text="Build 7 finished")
+    expect(item).to_have_count(1)
+    with page.expect_popup():
+        item.locator(".item-main").click()  # the action link: a new tab, and the click recorded
+    assert eventually(lambda: build_deliveries(org_id, recipient_id)["7"].clicked_at)
+    delivery = build_deliveries(org_id, recipient_id)["7"]
+    assert delivery.read_at is not None and delivery.seen_at is not None
+    if before > 1:
+        expect(badge).to_have_text(str(before - 1))
+    else:
+        expect(badge).to_be_hidden()
