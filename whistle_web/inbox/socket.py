@@ -146,8 +146,10 @@ class SocketSlots:
 
     def refresh(self) -> None:
         try:
-            self.redis.zadd(self.key, {self.member: time.time() + SLOT_TTL}, xx=True)
-            self.redis.expire(self.key, int(SLOT_TTL * 2))
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(self.key, {self.member: time.time() + SLOT_TTL}, xx=True)
+            pipe.expire(self.key, int(SLOT_TTL * 2))
+            pipe.execute()
         except redis.RedisError:
             pass  # counted locally meanwhile; the slot expires on its own
 
