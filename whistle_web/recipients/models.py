@@ -23,6 +23,8 @@ class Recipient(TenantScoped, TimestampMixin, db.Model):
         Index("ix_recipients_org_id", "organization_id", "id"),
         Index("ix_recipients_org_email", "organization_id", "email"),
         Index("ix_recipients_org_phone", "organization_id", "phone"),
+        # Segment conditions on the sign-up date ("created in the last 90 days").
+        Index("ix_recipients_org_created", "organization_id", "created_at"),
         Index(
             "ix_recipients_attributes",
             "attributes",
