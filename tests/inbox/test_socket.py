@@ -244,3 +244,23 @@ def test_a_rate_limited_in_app_provider_also_numbers_its_items(live_server, inbo
     with socket(live_server) as ws:
         ws.auth(token_for(org.id, "u-1"), last_seq=ready["seq"])
         assert ws.expect("notification")["id"] == delivery.id
+
+
+def test_resume_includes_items_whose_state_changed_while_away(live_server, inbox, jobs, client):
+    org = inbox["org"]
+    token = token_for(org.id, "u-1")
+    send_in_app(org.id, "u-1", jobs, reason="old news")
+    with socket(live_server) as ws:
+        ready = ws.auth(token)
+    (item,) = deliveries_of(org.id, inbox["ada"].id)
+    # Read in another tab over HTTP while this one was offline.
+    response = client.post(
+        f"/api/v1/inbox/{item.id}/read", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 200
+    with socket(live_server) as ws:
+        again = ws.auth(token, last_seq=ready["seq"])
+        resumed = ws.expect("notification")
+        assert ws.expect("unread_count")["count"] == 0
+    assert resumed["id"] == item.id and resumed["read_at"] and resumed["seen_at"]
+    assert resumed["seq"] == again["seq"] > ready["seq"]
