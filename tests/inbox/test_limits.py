@@ -125,3 +125,21 @@ def test_a_server_failure_closes_1011_and_frees_the_slot(live_server, inbox, mon
     monkeypatch.undo()
     with socket(live_server) as ws:
         assert ws.auth(token)["recipient"] == "u-1"
+
+
+def test_idle_sockets_hold_no_database_connection(live_server, inbox, app):
+    from contextlib import ExitStack
+
+    from whistle_web.extensions import db
+
+    token = token_for(inbox["org"].id, "u-1")
+    db.session.remove()
+    baseline = db.engine.pool.checkedout()
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket(live_server)) for _ in range(5)]
+        for ws in sockets:
+            ws.auth(token)
+        sockets[0].send({"type": "read_all", "ref": 1})
+        sockets[0].expect("ack")
+        time.sleep(0.2)
+        assert db.engine.pool.checkedout() == baseline
