@@ -22,7 +22,7 @@ from typing import Any
 import redis
 from flask import has_app_context
 from flask_sqlalchemy.session import Session as FlaskSession
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, literal_column, select
 
 from whistle_web.channels.base import Message
 from whistle_web.channels.in_app import inbox_channel
@@ -70,11 +70,16 @@ def updated_frame(delivery: Delivery) -> dict[str, Any]:
     return frame
 
 
+# Inline, not a bound parameter: the planner can match the partial index on
+# (recipient_id, inbox_seq) WHERE channel = 'in_app' in generic plans too.
+IN_APP = Delivery.channel == literal_column("'in_app'")
+
+
 def unread_filter(recipient_id: int) -> tuple[Any, ...]:
     """The recipient's in-app items that count as unread (sent, not read, not archived)."""
     return (
         Delivery.recipient_id == recipient_id,
-        Delivery.channel == "in_app",
+        IN_APP,
         Delivery.sent_at.is_not(None),
         Delivery.read_at.is_(None),
         Delivery.archived_at.is_(None),

@@ -15,12 +15,11 @@ from flask import current_app
 from sqlalchemy import func, select
 
 from whistle_web.api.framework import decode_cursor, encode_cursor
-from whistle_web.channels.kinds import Channel
 from whistle_web.deliveries.ledger import record_event
 from whistle_web.deliveries.models import Delivery
 from whistle_web.errors import NotFound, ValidationError
 from whistle_web.extensions import db
-from whistle_web.inbox.outbox import count_unread, rfc3339
+from whistle_web.inbox.outbox import IN_APP, count_unread, rfc3339
 from whistle_web.notifications.models import Notification
 from whistle_web.preferences.services import (
     InvalidRecipientToken,
@@ -98,7 +97,7 @@ def _items(owner: InboxOwner) -> Any:
         .join(Notification, Notification.id == Delivery.notification_id)
         .where(
             Delivery.recipient_id == owner.recipient_id,
-            Delivery.channel == Channel.IN_APP,
+            IN_APP,
             Delivery.sent_at.is_not(None),
         )
     )
@@ -137,7 +136,7 @@ def latest_seq(owner: InboxOwner) -> int:
     with organization_scope(owner.organization_id):
         seq = db.session.scalar(
             select(func.max(Delivery.inbox_seq)).where(
-                Delivery.recipient_id == owner.recipient_id, Delivery.channel == Channel.IN_APP
+                Delivery.recipient_id == owner.recipient_id, IN_APP
             )
         )
     return int(seq or 0)
@@ -267,7 +266,7 @@ def read_all(owner: InboxOwner) -> int:
                     select(Delivery.id)
                     .where(
                         Delivery.recipient_id == owner.recipient_id,
-                        Delivery.channel == Channel.IN_APP,
+                        IN_APP,
                         Delivery.sent_at.is_not(None),
                         Delivery.read_at.is_(None),
                         Delivery.id > last_id,
