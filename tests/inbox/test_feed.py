@@ -110,6 +110,8 @@ def test_bad_requests_are_problems_not_errors(widget, items):
 def test_tokens_are_required_and_checked(client, widget, inbox, make_api):
     assert_problem(client.get("/api/v1/inbox"), 401)
     assert_problem(Widget(client, "nope").call("GET", "/inbox"), 401)
+    nul = token_for(inbox["org"].id, "u-\x001")
+    assert_problem(Widget(client, nul).call("GET", "/inbox"), 401)
     api = make_api(inbox["org"])
     db.session.commit()
     assert_problem(Widget(client, api.token).call("GET", "/inbox"), 401)

@@ -59,6 +59,8 @@ def authenticate(token: str) -> tuple[InboxOwner, RecipientClaims]:
     if not isinstance(token, str) or not token or len(token) > 4096:
         raise InvalidRecipientToken("The recipient token is not valid.")
     claims = verify_recipient_token(token)
+    if "\x00" in claims.external_id:  # signed, but names nothing PostgreSQL can store
+        raise InvalidRecipientToken("The recipient token names no recipient.")
     with organization_scope(claims.organization_id):
         recipient_id = db.session.scalar(
             select(Recipient.id).where(Recipient.external_id == claims.external_id)
@@ -245,7 +247,8 @@ def act(owner: InboxOwner, action: str, ids: list[int]) -> list[dict[str, Any]]:
     stamp = _ACTION_STAMP.get(action)
     with organization_scope(owner.organization_id):
         rows = _check_ids(owner, ids)
-        for row in rows:
+        # Locked in id order, so two tabs acting on the same items never deadlock.
+        for row in sorted(rows, key=lambda r: r.id):
             if stamp is None or getattr(row, stamp) is None:
                 record_event(row.id, event_type, data={"source": "inbox"})
         db.session.commit()
