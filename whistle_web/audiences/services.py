@@ -6,14 +6,22 @@ Every function works in the current organization, takes plain arguments and the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from psycopg.errors import QueryCanceled
+from redis.exceptions import RedisError
 from sqlalchemy import delete, exists, func, select
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import OperationalError
 
+from whistle_web import get_redis
 from whistle_web.audiences.models import Segment, Subscription, Topic
-from whistle_web.audiences.segments import compile_rules, validate_rules
+from whistle_web.audiences.segments import ATTRIBUTE_KEY, compile_rules, validate_rules
 from whistle_web.campaigns.models import Campaign
 from whistle_web.channels.kinds import Channel
 from whistle_web.errors import Actor, Conflict, FieldError, NotFound, ValidationError
@@ -274,10 +282,35 @@ def get_segment(segment_id: int) -> Segment:
 
 
 def _check_rules(rules: Any) -> dict[str, Any]:
-    errors = validate_rules(rules) or _out_of_range(rules, "rules")
+    errors = validate_rules(rules) or _out_of_range(rules, "rules") or _unknown_campaigns(rules)
     if errors:
         raise ValidationError(errors)
     return rules
+
+
+def _unknown_campaigns(rules: dict[str, Any]) -> list[FieldError]:
+    """Engagement conditions naming a campaign this organization does not have."""
+    named = [(path, node["campaign_id"]) for path, node in _conditions(rules, "rules")]
+    named = [(path, cid) for path, cid in named if cid is not None]
+    if not named:
+        return []
+    known = set(
+        db.session.scalars(select(Campaign.id).where(Campaign.id.in_({c for _, c in named})))
+    )
+    return [
+        FieldError(f"{path}.campaign_id", f"No campaign {cid}.")
+        for path, cid in named
+        if cid not in known
+    ]
+
+
+def _conditions(node: dict[str, Any], path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, node) for each engagement condition of a valid tree."""
+    if "rules" in node:
+        for i, child in enumerate(node["rules"]):
+            yield from _conditions(child, f"{path}.rules[{i}]")
+    elif "engagement" in node:
+        yield path, node
 
 
 def _out_of_range(node: dict[str, Any], path: str) -> list[FieldError]:
@@ -352,7 +385,7 @@ def delete_segment(segment_id: int, *, actor: Actor) -> None:
     """Raises NotFound, or Conflict while a campaign or a pending send uses the segment."""
     segment = get_segment(segment_id)
     if segment_in_use(segment.id):
-        raise Conflict(f"Segment {segment.id} is used by a campaign or a pending send.")
+        raise Conflict(_in_use_message(segment))
     db.session.execute(delete(Segment).where(Segment.id == segment.id))
     record_audit(actor, "segment.deleted", "segment", segment.id, {"name": segment.name})
     db.session.commit()
@@ -368,3 +401,159 @@ def count_rules(rules: dict[str, Any]) -> int:
     """Raises ValidationError: the rules are invalid."""
     stmt = select(func.count()).select_from(Recipient).where(compile_rules(rules))
     return int(db.session.scalar(stmt) or 0)
+
+
+
+# --- segments: the console's builder, previews and counts ---------------------------------
+
+COUNT_CACHE_SECONDS = 60
+PREVIEW_TIMEOUT_MS = 3000
+
+
+@dataclass(frozen=True)
+class RulePreview:
+    """What a rule tree matches now: the count (None when counting took too long) and the
+    first recipients by id."""
+
+    count: int | None
+    sample: list[Recipient]
+    timed_out: bool = False
+
+
+def list_segments() -> list[Segment]:
+    """The organization's segments, most recently edited first."""
+    return list(db.session.scalars(select(Segment).order_by(Segment.updated_at.desc(), Segment.id)))
+
+
+def _in_use_message(segment: Segment) -> str:
+    campaigns = db.session.execute(
+        select(Campaign.name, Campaign.status)
+        .where(Campaign.segment_id == segment.id)
+        .order_by(Campaign.id)
+        .limit(4)
+    ).all()
+    if not campaigns:
+        return f"{segment.name!r} is the audience of a send waiting to be planned; try again later."
+    named = ", ".join(f"{name!r} ({status})" for name, status in campaigns[:3])
+    more = " and others" if len(campaigns) > 3 else ""
+    return (
+        f"{segment.name!r} is the audience of campaign {named}{more}: "
+        "change the campaign's audience or delete the campaign first."
+    )
+
+
+def preview_rules(
+    rules: dict[str, Any], *, sample_size: int = 10, timeout_ms: int = PREVIEW_TIMEOUT_MS
+) -> RulePreview:
+    """Count the recipients the rules match and read the first ``sample_size`` of them, each
+    query stopped after ``timeout_ms`` (then the count is None).
+
+    Raises:
+        ValidationError: the rules are invalid.
+    """
+    _check_rules(rules)
+    condition = compile_rules(rules)
+    try:
+        with statement_timeout(timeout_ms):
+            count = db.session.scalar(select(func.count()).select_from(Recipient).where(condition))
+    except QueryTimeout:
+        count = None
+    try:
+        with statement_timeout(timeout_ms):
+            sample = list(
+                db.session.scalars(
+                    select(Recipient).where(condition).order_by(Recipient.id).limit(sample_size)
+                )
+            )
+    except QueryTimeout:
+        sample = []
+    return RulePreview(None if count is None else int(count), sample, timed_out=count is None)
+
+
+def cached_segment_count(segment_id: int, *, timeout_ms: int = PREVIEW_TIMEOUT_MS) -> int | None:
+    """The segment's count, from Redis when counted in the last minute; None when counting
+    takes longer than ``timeout_ms``. A Redis outage only costs the cache."""
+    segment = get_segment(segment_id)
+    digest = hashlib.sha256(json.dumps(segment.rules, sort_keys=True).encode()).hexdigest()[:16]
+    key = f"whistle:segment-count:{segment.organization_id}:{segment.id}:{digest}"
+    redis = get_redis()
+    try:
+        cached = redis.get(key)
+    except RedisError:
+        cached = None
+    if cached is not None:
+        return int(cached)
+    try:
+        with statement_timeout(timeout_ms):
+            count = count_rules(segment.rules)
+    except QueryTimeout:
+        return None
+    with contextlib.suppress(RedisError):
+        redis.set(key, count, ex=COUNT_CACHE_SECONDS)
+    return count
+
+
+class QueryTimeout(Exception):
+    """A query ran past its statement timeout (and was cancelled by PostgreSQL)."""
+
+
+@contextlib.contextmanager
+def statement_timeout(timeout_ms: int) -> Iterator[None]:
+    """Run the block's queries in a savepoint with a statement timeout; a cancelled query
+    rolls back to the savepoint (the request's transaction stays usable).
+
+    Raises:
+        QueryTimeout: a query took longer than ``timeout_ms``.
+    """
+    previous = db.session.scalar(select(func.current_setting("statement_timeout")))
+    savepoint = db.session.begin_nested()
+    try:
+        db.session.execute(
+            select(func.set_config("statement_timeout", f"{int(timeout_ms)}ms", True))
+        )
+        yield
+    except OperationalError as exc:
+        savepoint.rollback()
+        if isinstance(exc.orig, QueryCanceled):
+            raise QueryTimeout(str(exc.orig)) from None
+        raise
+    else:
+        savepoint.commit()
+        db.session.execute(select(func.set_config("statement_timeout", previous, True)))
+
+
+def attribute_keys(*, scan: int = 1000, limit: int = 200) -> list[str]:
+    """Attribute keys seen on the newest ``scan`` recipients, for the builder's suggestions."""
+    newest = (
+        select(Recipient.attributes).order_by(Recipient.id.desc()).limit(scan).subquery("newest")
+    )
+    keys = func.jsonb_object_keys(newest.c.attributes).column_valued("key")
+    stmt = (
+        select(keys)
+        .select_from(newest)
+        .where(func.jsonb_typeof(newest.c.attributes) == "object")
+        .distinct()
+        .order_by(keys)
+        .limit(limit)
+    )
+    return [k for k in db.session.scalars(stmt) if ATTRIBUTE_KEY.fullmatch(k)]
+
+
+def builder_choices() -> dict[str, list[tuple[Any, str]]]:
+    """Topics (key, name) and campaigns (id, name) the builder's conditions can name."""
+    topics = db.session.execute(select(Topic.key, Topic.name).order_by(Topic.name).limit(500))
+    campaigns = db.session.execute(
+        select(Campaign.id, Campaign.name).order_by(Campaign.id.desc()).limit(500)
+    )
+    return {
+        "topics": [(key, name) for key, name in topics],
+        "campaigns": [(cid, name) for cid, name in campaigns],
+    }
+
+
+def campaign_names(rules: dict[str, Any]) -> dict[int, str]:
+    """Names of the campaigns a rule tree's engagement conditions name."""
+    ids = {node["campaign_id"] for _, node in _conditions(rules, "rules")} - {None}
+    if not ids or validate_rules(rules):
+        return {}
+    return dict(db.session.execute(select(Campaign.id, Campaign.name).where(Campaign.id.in_(ids))))
