@@ -403,6 +403,18 @@ def count_rules(rules: dict[str, Any]) -> int:
     return int(db.session.scalar(stmt) or 0)
 
 
+def recipient_topics(recipient_id: int, *, limit: int = 500) -> list[tuple[Topic, bool]]:
+    """The organization's topics by name, each with whether the recipient is subscribed."""
+    subscribed = (
+        select(Subscription.id)
+        .where(Subscription.topic_id == Topic.id, Subscription.recipient_id == recipient_id)
+        .exists()
+    )
+    rows = db.session.execute(
+        select(Topic, subscribed).order_by(Topic.name, Topic.id).limit(limit)
+    ).all()
+    return [(topic, bool(is_subscribed)) for topic, is_subscribed in rows]
+
 
 # --- segments: the console's builder, previews and counts ---------------------------------
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+import shlex
+from collections.abc import Iterator, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.dialects.postgresql import insert
 
-from whistle_web.errors import FieldError, ValidationError
+from whistle_web.errors import Actor, FieldError, NotFound, ValidationError
 from whistle_web.extensions import db
+from whistle_web.organizations.services import record_audit
 from whistle_web.recipients.models import Recipient
 from whistle_web.tenancy import require_organization_id
 
@@ -88,3 +91,134 @@ def ids_for_external_ids(external_ids: Sequence[str]) -> dict[str, int]:
 def require_valid(errors: list[FieldError]) -> None:
     if errors:
         raise ValidationError(errors)
+
+
+# --- console look-ups and edits -----------------------------------------------------------
+
+PAGE_SIZE = 50
+MAX_ID = 2**63 - 1  # ids are bigint: a larger one names nothing (and must not reach SQL)
+
+
+def _like(text: str) -> str:
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _attribute_match(key: str, value: str) -> Any:
+    """``key=value``: the attribute equals the text, or the JSON scalar it spells (42, true)."""
+    options = [Recipient.attributes.contains({key: value})]
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    if parsed != value and (parsed is None or isinstance(parsed, bool | int | float)):
+        options.append(Recipient.attributes.contains({key: parsed}))
+    return or_(*options)
+
+
+def search_filter(query: str) -> list[Any]:
+    """SQL conditions for a console search: ``key=value`` terms match attributes, the rest
+    of the text matches email, phone, external id or name (case-insensitive, anywhere)."""
+    query = query.replace("\x00", "").strip()
+    try:
+        terms = shlex.split(query)
+    except ValueError:  # an unbalanced quote: take the words as typed
+        terms = query.split()
+    conditions: list[Any] = []
+    words = []
+    for term in terms:
+        key, sep, value = term.partition("=")
+        if sep and key:
+            conditions.append(_attribute_match(key, value))
+        else:
+            words.append(term)
+    if words:
+        pattern = _like(" ".join(words))
+        conditions.append(
+            or_(
+                *(
+                    column.ilike(pattern, escape="\\")
+                    for column in (
+                        Recipient.email,
+                        Recipient.phone,
+                        Recipient.external_id,
+                        Recipient.name,
+                    )
+                )
+            )
+        )
+    return conditions
+
+
+def search_recipients(
+    query: str = "", *, after: int | None = None, limit: int = PAGE_SIZE
+) -> tuple[list[Recipient], int | None]:
+    """One page of the current organization's recipients matching ``query``, newest first.
+
+    Returns:
+        The page, and the cursor (``after``) of the next page, or None on the last one.
+    """
+    stmt = select(Recipient).where(*search_filter(query))
+    if after is not None:
+        stmt = stmt.where(Recipient.id < min(after, MAX_ID))
+    rows = list(db.session.scalars(stmt.order_by(Recipient.id.desc()).limit(limit + 1)))
+    if len(rows) > limit:
+        return rows[:limit], rows[limit - 1].id
+    return rows, None
+
+
+def get_recipient_by_id(recipient_id: int) -> Recipient:
+    """Raises NotFound: no such recipient in the current organization."""
+    recipient = None
+    if 0 < recipient_id <= MAX_ID:
+        recipient = db.session.scalar(select(Recipient).where(Recipient.id == recipient_id))
+    if recipient is None:
+        raise NotFound(f"No recipient {recipient_id}.")
+    return recipient
+
+
+def update_profile(recipient_id: int, changes: dict[str, Any], *, actor: Actor) -> Recipient:
+    """Change profile fields (email, phone, name, locale, timezone); audited; commits.
+
+    Empty strings clear a field.
+
+    Raises:
+        NotFound: no such recipient.
+        ValidationError: a field is invalid.
+    """
+    recipient = get_recipient_by_id(recipient_id)
+    wanted = {
+        k: (v.strip() or None) if isinstance(v, str) else v
+        for k, v in changes.items()
+        if k in PROFILE_FIELDS
+    }
+    require_valid(validate_profile({"external_id": recipient.external_id, **wanted}))
+    changed = {}
+    for name, value in wanted.items():
+        if name == "email" and value:
+            value = value.lower()
+        if getattr(recipient, name) != value:
+            setattr(recipient, name, value)
+            changed[name] = value
+    if changed:
+        record_audit(actor, "recipient.updated", "recipient", recipient.id, changed)
+        db.session.commit()
+    return recipient
+
+
+def iter_recipients(*conditions: Any, batch: int = 1000) -> Iterator[Recipient]:
+    """Every recipient of the current organization matching ``conditions``, by id, read in
+    keyset batches so a large export never holds the whole table."""
+    last = 0
+    while True:
+        rows = list(
+            db.session.scalars(
+                select(Recipient)
+                .where(*conditions, Recipient.id > last)
+                .order_by(Recipient.id)
+                .limit(batch)
+            )
+        )
+        yield from rows
+        if len(rows) < batch:
+            return
+        last = rows[-1].id
