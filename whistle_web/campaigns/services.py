@@ -307,23 +307,25 @@ def next_cron_run(campaign: Campaign, after: datetime) -> datetime:
     return croniter(campaign.cron, after.astimezone(zone)).get_next(datetime).astimezone(UTC)
 
 
+def audience_spec(campaign: Campaign) -> dict[str, Any]:
+    """The campaign's audience as a send request records it (what the planner reads)."""
+    if campaign.audience_type == AudienceType.SEGMENT:
+        return {"type": "segment", "id": campaign.segment_id}
+    if campaign.audience_type == AudienceType.TOPIC:
+        return {"type": "topic", "id": campaign.topic_id}
+    if campaign.audience_type == AudienceType.LIST:
+        return {"type": "list", "external_ids": campaign.audience_external_ids}
+    return {"type": "all"}
+
+
 def _start_run(campaign: Campaign, now: datetime) -> SendRequest:
     """Snapshot the audience (by recipient id) and write the run's send request."""
-    audience: dict[str, Any]
-    if campaign.audience_type == AudienceType.SEGMENT:
-        audience = {"type": "segment", "id": campaign.segment_id}
-    elif campaign.audience_type == AudienceType.TOPIC:
-        audience = {"type": "topic", "id": campaign.topic_id}
-    elif campaign.audience_type == AudienceType.LIST:
-        audience = {"type": "list", "external_ids": campaign.audience_external_ids}
-    else:
-        audience = {"type": "all"}
     request = SendRequest(
         kind=SendRequestKind.CAMPAIGN,
         campaign_id=campaign.id,
         template_id=campaign.template_id,
         template_version_id=campaign.template_version_id,
-        audience=audience,
+        audience=audience_spec(campaign),
         data=campaign.data,
         channels=campaign.channels,
         send_at=now,
@@ -425,3 +427,223 @@ def launch_due_campaigns(now: datetime | None = None, limit: int = 100) -> list[
             _enqueue_open_work(campaign)
             started.append(campaign_id)
     return started
+
+
+# --- the console's pre-launch check and duplicate -------------------------------------------
+PREVIEW_SAMPLE = 3
+
+
+def _check_request(campaign: Campaign) -> SendRequest:
+    """A send request as launching now would write it, never added to the session."""
+    template = db.session.get(Template, campaign.template_id)
+    if template is None or template.published_version_id is None:
+        raise ValidationError.single("template", "Publish the template before launching.")
+    return SendRequest(
+        organization_id=require_organization_id(),
+        kind=SendRequestKind.CAMPAIGN,
+        campaign_id=campaign.id,
+        template_id=campaign.template_id,
+        template_version_id=template.published_version_id,
+        audience=audience_spec(campaign),
+        data=campaign.data or {},
+        channels=list(campaign.channels),
+        send_at=datetime.now(UTC),
+        local_send_time=campaign.local_send_time,
+        cursor_recipient_id=0,
+    )
+
+
+def count_campaign_audience(campaign_id: int, **limits: Any) -> Any:
+    """What launching now would queue and suppress (:func:`planner.count_audience`).
+
+    Raises:
+        NotFound. ValidationError: the template is not published.
+    """
+    from whistle_web.deliveries.planner import count_audience
+
+    return count_audience(_check_request(_get(campaign_id)), **limits)
+
+
+def render_samples(campaign_id: int, sample: int = PREVIEW_SAMPLE) -> list[dict[str, Any]]:
+    """The message each channel would carry for the audience's first ``sample`` recipients.
+
+    Rendered as the channel workers render (same sandbox, same context; links carry no
+    delivery). Each item: ``recipient`` and ``channels`` mapping a channel to its fields,
+    or to ``{"error": message}``.
+
+    Raises:
+        NotFound. ValidationError: the template is not published.
+    """
+    from types import SimpleNamespace
+
+    from whistle_web.channels.kinds import Channel
+    from whistle_web.deliveries.dispatch import ChannelContext, _render_context
+    from whistle_web.deliveries.planner import audience_condition
+    from whistle_web.message_templates.rendering import RenderError
+
+    request = _check_request(_get(campaign_id))
+    recipients = db.session.scalars(
+        select(Recipient).where(audience_condition(request)).order_by(Recipient.id).limit(sample)
+    ).all()
+    contexts = {}
+    for channel in request.channels or []:
+        try:
+            contexts[channel] = ChannelContext.load(request, Channel(channel))
+        except ValueError:
+            continue
+    samples = []
+    for recipient in recipients:
+        row = SimpleNamespace(
+            id=0,
+            recipient_id=recipient.id,
+            external_id=recipient.external_id,
+            email=recipient.email,
+            phone=recipient.phone,
+            name=recipient.name,
+            locale=recipient.locale,
+            timezone=recipient.timezone,
+            attributes=recipient.attributes,
+        )
+        rendered: dict[str, dict[str, Any]] = {}
+        for channel, context in contexts.items():
+            try:
+                rendered[channel] = context.render(
+                    _render_context(row, context, request.data or {})
+                )
+            except RenderError as error:
+                rendered[channel] = {"error": str(error)}
+        samples.append({"recipient": recipient, "channels": rendered})
+    return samples
+
+
+def estimate_send_seconds(queued: dict[str, int]) -> dict[str, Any]:
+    """How long sending takes at each channel's primary provider's rate limit.
+
+    Returns ``{"channels": {channel: {"provider", "rate", "seconds"}}, "seconds": total}``;
+    ``rate``/``seconds`` None mean unlimited, and ``provider`` None means no enabled
+    provider (the built-in one for in-app). Channels send in parallel: the total is the
+    slowest channel's, None when every channel is unlimited.
+    """
+    from whistle_web.channels.kinds import Channel
+    from whistle_web.channels.models import Provider
+
+    channels: dict[str, Any] = {}
+    slowest: float | None = None
+    for channel, count in queued.items():
+        provider = db.session.scalar(
+            select(Provider)
+            .where(Provider.channel == Channel(channel), Provider.enabled.is_(True))
+            .order_by(Provider.priority, Provider.id)
+            .limit(1)
+        )
+        rate = provider.rate_limit_per_second if provider is not None else None
+        seconds = count / rate if rate else None
+        channels[channel] = {
+            "provider": provider.name if provider is not None else None,
+            "rate": rate,
+            "seconds": seconds,
+            "missing": provider is None and channel != Channel.IN_APP.value,
+        }
+        if seconds is not None:
+            slowest = max(slowest or 0.0, seconds)
+    return {"channels": channels, "seconds": slowest}
+
+
+def duplicate_campaign(
+    campaign_id: int, *, actor: Actor, created_by_id: int | None = None
+) -> Campaign:
+    """Copy a campaign's settings into a new draft. Commits.
+
+    Raises:
+        NotFound. ValidationError: what the copy can no longer use (a deleted topic).
+    """
+    source = _get(campaign_id)
+    template_key = db.session.scalar(select(Template.key).where(Template.id == source.template_id))
+    topic_key = (
+        db.session.scalar(select(Topic.key).where(Topic.id == source.topic_id))
+        if source.topic_id
+        else None
+    )
+    copy = create_campaign(
+        f"Copy of {source.name}"[:200],
+        template_key=template_key or "",
+        channels=list(source.channels),
+        audience_type=source.audience_type,
+        segment_id=source.segment_id,
+        topic_key=topic_key,
+        external_ids=list(source.audience_external_ids or []),
+        data=dict(source.data or {}),
+        send_at=None,
+        local_send_time=source.local_send_time,
+        cron=source.cron,
+        cron_timezone=source.cron_timezone,
+        actor=actor,
+        created_by_id=created_by_id,
+    )
+    record_audit(actor, "campaign.duplicated", "campaign", copy.id, {"from": source.id})
+    db.session.commit()
+    return copy
+
+
+def campaign_runs(campaign_id: int, limit: int = 20) -> list[SendRequest]:
+    """The campaign's send requests (one per run), newest first."""
+    return list(
+        db.session.scalars(
+            select(SendRequest)
+            .where(SendRequest.campaign_id == campaign_id)
+            .order_by(SendRequest.id.desc())
+            .limit(limit)
+        )
+    )
+
+
+def get_campaign(campaign_id: int) -> Campaign:
+    """The campaign of the current organization.
+
+    Raises:
+        NotFound.
+    """
+    return _get(campaign_id)
+
+
+def next_cron_runs(
+    cron: str, timezone: str = "UTC", count: int = 5, after: datetime | None = None
+) -> list[datetime]:
+    """The next ``count`` times a cron expression fires, in ``timezone`` (aware datetimes).
+
+    Raises:
+        ValidationError: at ``cron`` or ``cron_timezone``.
+    """
+    if not cron or not croniter.is_valid(cron):
+        raise ValidationError.single("cron", "Not a cron expression, e.g. '0 9 * * MON'.")
+    try:
+        zone = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValidationError.single("cron_timezone", "Not an IANA time zone.") from None
+    runs = croniter(cron, (after or datetime.now(UTC)).astimezone(zone))
+    return [runs.get_next(datetime) for _ in range(count)]
+
+
+def composer_choices() -> dict[str, Any]:
+    """What a campaign can be composed of: published templates with their channels,
+    segments and topics (for the console's composer)."""
+    from whistle_web.channels.kinds import Channel
+
+    known = [c.value for c in Channel]
+    rows = db.session.execute(
+        select(Template.key, Template.name, TemplateVersion.content)
+        .join(TemplateVersion, TemplateVersion.id == Template.published_version_id)
+        .order_by(Template.name, Template.key)
+    ).all()
+    return {
+        "templates": [
+            {"key": key, "name": name, "channels": [c for c in known if c in (content or {})]}
+            for key, name, content in rows
+        ],
+        "segments": db.session.execute(
+            select(Segment.id, Segment.name).order_by(Segment.name, Segment.id)
+        ).all(),
+        "topics": db.session.execute(
+            select(Topic.key, Topic.name).order_by(Topic.name, Topic.key)
+        ).all(),
+    }

@@ -455,6 +455,230 @@ class Planner:
         return {(rid, channel.value): n for rid, channel, n in rows}
 
 
+# --- counting without planning (the console's pre-launch check) -----------------------------
+# Above this many recipients the check extrapolates from a sample instead of counting all.
+EXACT_COUNT_LIMIT = 100_000
+COUNT_SAMPLE_SIZE = 20_000
+COUNT_SECONDS = 3.0
+
+
+@dataclass
+class AudienceCount:
+    """What the planner would do with an audience, without writing anything.
+
+    ``channels`` maps each channel to how many deliveries would be queued and how many
+    suppressed per reason; ``reachable`` counts recipients queued on at least one channel.
+    ``exact`` is False when the numbers were extrapolated from a sample (say "about");
+    ``recipients`` is None when even the sample did not finish in time.
+    """
+
+    recipients: int | None
+    reachable: int | None
+    channels: dict[str, dict[str, Any]]
+    exact: bool
+
+
+def _reason_column(planner: Planner, channel: Channel, org_id: int) -> Any:
+    """SQL giving the planner's suppression cause for one channel (NULL: queued).
+
+    The rules and their order are :meth:`Planner._suppression`'s, written set-based.
+    """
+    from sqlalchemy import and_, case, exists, not_
+
+    field_name = ADDRESSED.get(channel)
+    address = getattr(Recipient, field_name) if field_name else None
+    has_address = func.coalesce(address, "") != "" if address is not None else None
+    whens: list[tuple[Any, str]] = []
+    if not planner.critical:
+        whens.append((Recipient.unsubscribed_at.is_not(None), SuppressionCause.UNSUBSCRIBED.value))
+    if address is not None:
+        listed = exists().where(
+            Suppression.organization_id == org_id,
+            Suppression.channel == channel,
+            Suppression.address == func.lower(address),
+        )
+        whens.append((and_(has_address, listed), SuppressionCause.SUPPRESSION_LIST.value))
+    if not planner.critical:
+        category_id = planner.category.id if planner.category else None
+        keys: list[tuple[int | None, Channel | None]] = []
+        if category_id is not None:
+            keys += [(category_id, channel), (category_id, None)]
+        keys += [(None, channel), (None, None)]
+        lookups = []
+        for cat, chan in keys:
+            lookups.append(
+                select(Preference.enabled)
+                .where(
+                    Preference.recipient_id == Recipient.id,
+                    Preference.category_id.is_(None)
+                    if cat is None
+                    else Preference.category_id == cat,
+                    Preference.channel.is_(None) if chan is None else Preference.channel == chan,
+                )
+                .limit(1)
+                .scalar_subquery()
+            )
+        allowed = func.coalesce(*lookups, true())
+        whens.append((not_(allowed), SuppressionCause.PREFERENCE.value))
+    if address is not None:
+        whens.append((not_(has_address), SuppressionCause.NO_ADDRESS.value))
+    if channel == Channel.PUSH:
+        kinds = {
+            PUSH_DEVICE_KINDS[kind]
+            for kind in db.session.scalars(
+                select(Provider.kind).where(
+                    Provider.channel == Channel.PUSH, Provider.enabled.is_(True)
+                )
+            )
+            if kind in PUSH_DEVICE_KINDS
+        }
+        device = exists().where(
+            Device.organization_id == org_id,
+            Device.recipient_id == Recipient.id,
+            Device.disabled_at.is_(None),
+            *([Device.kind.in_(kinds)] if kinds else []),
+        )
+        whens.append((not_(device), SuppressionCause.NO_ADDRESS.value))
+    if planner.frequency_cap is not None and not planner.critical:
+        sent_today = (
+            select(func.count())
+            .select_from(Delivery)
+            .where(
+                Delivery.organization_id == org_id,
+                Delivery.recipient_id == Recipient.id,
+                Delivery.channel == channel,
+                Delivery.created_at > planner.now - timedelta(days=1),
+                Delivery.status.not_in([DeliveryStatus.SUPPRESSED, DeliveryStatus.CANCELLED]),
+            )
+            .scalar_subquery()
+        )
+        whens.append((sent_today >= planner.frequency_cap, SuppressionCause.FREQUENCY_CAP.value))
+    if not whens:
+        return literal(None, Text)
+    return case(*whens, else_=literal(None, Text))
+
+
+def _timed(seconds: float, run: Any) -> Any:
+    """Run ``run()`` with a statement timeout; None when PostgreSQL cancelled it."""
+    from psycopg import errors as pg_errors
+    from sqlalchemy.exc import DBAPIError
+
+    savepoint = db.session.begin_nested()
+    try:
+        previous = db.session.scalar(text("SELECT current_setting('statement_timeout')"))
+        db.session.execute(
+            text("SELECT set_config('statement_timeout', :value, true)"),
+            {"value": f"{max(1, int(seconds * 1000))}ms"},
+        )
+        result = run()
+        db.session.execute(
+            text("SELECT set_config('statement_timeout', :value, true)"), {"value": previous}
+        )
+    except DBAPIError as error:
+        savepoint.rollback()  # also undoes the timeout setting
+        if isinstance(error.orig, pg_errors.QueryCanceled):
+            return None
+        raise
+    savepoint.commit()
+    return result
+
+
+def count_audience(
+    request: SendRequest,
+    *,
+    seconds: float = COUNT_SECONDS,
+    exact_limit: int | None = None,
+    sample_size: int | None = None,
+) -> AudienceCount:
+    """Count what planning ``request`` would queue and suppress, per channel and reason.
+
+    Set-based (one grouped query), read-only, with the planner's rules and audience; quiet
+    hours and local send times only delay, so they do not count. Audiences above
+    ``exact_limit`` recipients, and counts that take longer than ``seconds``, are
+    extrapolated from the first ``sample_size`` recipients by id (``exact`` False).
+    The request may be transient (never added to the session).
+    """
+    exact_limit = EXACT_COUNT_LIMIT if exact_limit is None else exact_limit
+    sample_size = COUNT_SAMPLE_SIZE if sample_size is None else sample_size
+    org_id = require_organization_id()
+    planner = Planner(request)
+    condition = planner.condition
+    if request.max_recipient_id is not None:
+        condition = condition & (Recipient.id <= request.max_recipient_id)
+    channels = list(planner.channels)
+    columns = [_reason_column(planner, c, org_id).label(f"c{i}") for i, c in enumerate(channels)]
+
+    def grouped(where: Any) -> list[Any]:
+        inner = select(*columns).where(where).subquery()
+        outer_columns = [inner.c[f"c{i}"] for i in range(len(channels))]
+        return list(
+            db.session.execute(select(*outer_columns, func.count()).group_by(*outer_columns))
+        )
+
+    capped = _timed(
+        seconds,
+        lambda: db.session.scalar(
+            select(func.count()).select_from(
+                select(Recipient.id).where(condition).limit(exact_limit + 1).subquery()
+            )
+        ),
+    )
+    rows = None
+    scale = 1.0
+    exact = True
+    if capped is not None and capped <= exact_limit:
+        rows = _timed(seconds, lambda: grouped(condition))
+    if rows is None:
+        exact = False
+        sample = (
+            select(Recipient.id).where(condition).order_by(Recipient.id).limit(sample_size)
+        ).subquery()
+        last = _timed(seconds, lambda: db.session.scalar(select(func.max(sample.c.id))))
+        rows = (
+            _timed(seconds, lambda: grouped(Recipient.id.in_(select(sample.c.id))))
+            if last is not None
+            else None
+        )
+        if rows is None:
+            return AudienceCount(None, None, {c.value: {} for c in channels}, exact=False)
+        sampled = sum(row[-1] for row in rows)
+        if sampled < sample_size:
+            exact = True  # the sample was the whole audience
+        else:
+            first, top = db.session.execute(
+                select(func.min(Recipient.id), func.max(Recipient.id))
+            ).one()
+            if request.max_recipient_id is not None:
+                top = min(top, request.max_recipient_id)
+            # Recipient ids grow with time; the audience is assumed spread evenly over them.
+            scale = (top - first + 1) / max(1, last - first + 1)
+
+    def scaled(n: int) -> int:
+        return n if exact else round(n * scale)
+
+    result: dict[str, dict[str, Any]] = {
+        c.value: {"queued": 0, "suppressed": 0, "reasons": {}} for c in channels
+    }
+    recipients = reachable = 0
+    for row in rows:
+        *reasons, count = row
+        recipients += count
+        if any(r is None for r in reasons):
+            reachable += count
+        for channel, reason in zip(channels, reasons, strict=True):
+            entry = result[channel.value]
+            if reason is None:
+                entry["queued"] += count
+            else:
+                entry["suppressed"] += count
+                entry["reasons"][reason] = entry["reasons"].get(reason, 0) + count
+    for entry in result.values():
+        entry["queued"] = scaled(entry["queued"])
+        entry["suppressed"] = scaled(entry["suppressed"])
+        entry["reasons"] = {k: scaled(v) for k, v in sorted(entry["reasons"].items())}
+    return AudienceCount(scaled(recipients), scaled(reachable), result, exact=exact)
+
+
 def _zone(name: str | None) -> ZoneInfo:
     try:
         return ZoneInfo(name) if name else ZoneInfo("UTC")
