@@ -539,13 +539,12 @@ def attribute_keys(*, scan: int = 1000, limit: int = 200) -> list[str]:
     newest = (
         select(Recipient.attributes).order_by(Recipient.id.desc()).limit(scan).subquery("newest")
     )
-    keys = func.jsonb_object_keys(newest.c.attributes).column_valued("key")
+    key = func.jsonb_object_keys(newest.c.attributes).label("key")
     stmt = (
-        select(keys)
-        .select_from(newest)
+        select(key)
         .where(func.jsonb_typeof(newest.c.attributes) == "object")
         .distinct()
-        .order_by(keys)
+        .order_by(key)
         .limit(limit)
     )
     return [k for k in db.session.scalars(stmt) if ATTRIBUTE_KEY.fullmatch(k)]
