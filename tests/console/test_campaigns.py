@@ -161,8 +161,11 @@ def test_the_list_shows_state_progress_and_rates_from_the_counters(
     # Filtered by state: the full page, or only the table for htmx.
     page = client.get("/campaigns", query_string={"state": "draft"}).get_data(as_text=True)
     assert "Still a draft" in page and "Sent one" not in page and "<html" in page
-    fragment = client.get("/campaigns", query_string={"state": "completed"}, headers=HX)
+    filter_headers = {**HX, "HX-Target": "campaign-table"}
+    fragment = client.get("/campaigns", query_string={"state": "completed"}, headers=filter_headers)
     text = fragment.get_data(as_text=True)
+    # Another htmx request (a history restore) gets the whole page.
+    assert "<html" in client.get("/campaigns", headers=HX).get_data(as_text=True)
     assert text.lstrip().startswith('<div id="campaign-table">') and "<html" not in text
     assert "Sent one" in text and "Still a draft" not in text
     empty = client.get("/campaigns", query_string={"state": "paused"}).get_data(as_text=True)
@@ -577,6 +580,8 @@ def test_the_page_polls_while_sending_and_stops_when_done(
     )
     runs = client.get(f"/campaigns/{campaign.id}").get_data(as_text=True)
     assert "planned" in runs
+    # The runs are part of the polled fragment: the run's state updates with it.
+    assert '<span class="badge">planned</span>' in done
 
 
 def test_pause_resume_cancel(login_as, org, template, recipients, redis):

@@ -506,12 +506,16 @@ def render_samples(campaign_id: int, sample: int = PREVIEW_SAMPLE) -> list[dict[
         )
         rendered: dict[str, dict[str, Any]] = {}
         for channel, context in contexts.items():
+            render_context = _render_context(row, context, request.data or {})
             try:
-                rendered[channel] = context.render(
-                    _render_context(row, context, request.data or {})
-                )
+                fields = context.render(render_context)
+                # The organization's email layout, where the dispatcher has one.
+                layout = getattr(context, "layout", None)
+                if layout is not None and fields.get("html"):
+                    fields = {**fields, "html": layout.apply(fields["html"], render_context)}
             except RenderError as error:
-                rendered[channel] = {"error": str(error)}
+                fields = {"error": str(error)}
+            rendered[channel] = fields
         samples.append({"recipient": recipient, "channels": rendered})
     return samples
 

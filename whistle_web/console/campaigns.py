@@ -287,14 +287,11 @@ def campaigns() -> Any:
     rows = db.session.scalars(stmt).all()
     totals = funnel_totals(StatScope.CAMPAIGN, [c.id for c in rows])
     items = [{"campaign": c, "metrics": totals[c.id], "rates": _rates(totals[c.id])} for c in rows]
-    return render(
-        "console/campaigns/index.html",
-        "console/campaigns/_table.html",
-        items=items,
-        state=state,
-        states=list(CampaignStatus),
-        any_campaign=bool(items) or db.session.scalar(db.select(Campaign.id).limit(1)) is not None,
-    )
+    context = {"items": items, "state": state, "states": list(CampaignStatus)}
+    # Only the filter's own request gets the table alone (a history restore wants the page).
+    if htmx and htmx.target == "campaign-table":
+        return render_template("console/campaigns/_table.html", **context)
+    return render_template("console/campaigns/index.html", **context)
 
 
 # --- composer -----------------------------------------------------------------------------
@@ -424,6 +421,7 @@ def _live_context(campaign: Campaign) -> dict[str, Any]:
             for channel, values in sorted(metrics.items())
         },
         "live": campaign.status in LIVE_STATES,
+        "runs": services.campaign_runs(campaign.id),
     }
 
 
@@ -437,7 +435,6 @@ def campaign_show(campaign_id: int) -> Any:
         "console/campaigns/show.html",
         "console/campaigns/_live.html",
         message_template=db.session.get(Template, campaign.template_id),
-        runs=services.campaign_runs(campaign.id),
         audience=_audience_summary(campaign),
         **context,
     )
