@@ -40,6 +40,7 @@ from whistle_web.deliveries.models import BatchStatus, Delivery, DeliveryBatch
 from whistle_web.deliveries.status import DeliveryStatus
 from whistle_web.extensions import db
 from whistle_web.inbox.outbox import draw_inbox_seqs
+from whistle_web.message_templates.layout import EmailLayout, compile_layout
 from whistle_web.message_templates.models import Template, TemplateVersion
 from whistle_web.message_templates.rendering import (
     CompiledContent,
@@ -194,6 +195,8 @@ class ChannelContext:
     organization_id: int = 0
     organization_name: str = ""
     channel_template: ChannelTemplate | None = None
+    # The organization's email layout (email batches only), wrapped around each HTML body.
+    layout: EmailLayout | None = None
     counters: list[CounterRow] = field(default_factory=list)
 
     def render(self, render_context: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +228,7 @@ class ChannelContext:
             organization=organization,
             organization_id=organization.id,
             organization_name=organization.name,
+            layout=compile_layout(organization.settings) if channel == Channel.EMAIL else None,
             base_url=config["WHISTLE_BASE_URL"],
             secret=config["SECRET_KEY"],
             allow_private_webhooks=bool(config.get("WHISTLE_WEBHOOK_ALLOW_PRIVATE", False)),
@@ -382,10 +386,10 @@ def _render_all(
             data = parsed[row.data_json] = json.loads(row.data_json) or {}
         try:
             content = context.render(_render_context(row, context, data))
+            built = _messages(row, content, context, devices, data)  # the layout may fail
         except RenderError as error:
             failures.append(SendResult.failed(row.id, f"template error: {error}"))
             continue
-        built = _messages(row, content, context, devices, data)
         if not built:
             failures.append(SendResult.failed(row.id, "no active device or address"))
             continue
@@ -636,6 +640,10 @@ def _email_message(
         context.base_url, context.secret, context.organization_id, row.recipient_id, row.id
     )
     body = dict(content)
+    if body.get("html") and context.layout is not None:
+        body["html"] = context.layout.apply(
+            body["html"], _layout_context(row, context, meta["data"], unsubscribe)
+        )
     if body.get("html"):
         body["html"] = links.rewrite_html(
             body["html"], base_url=context.base_url, secret=context.secret, delivery_id=row.id
@@ -649,6 +657,32 @@ def _email_message(
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
     }
     return Message(row.id, Channel.EMAIL, row.email, body, headers=headers, meta=meta)
+
+
+def _layout_context(
+    row: Any, context: ChannelContext, data: dict[str, Any], unsubscribe: str
+) -> dict[str, Any]:
+    """What the organization's email layout renders with: the message's own context."""
+    from whistle_web.tracking import links
+
+    return {
+        "recipient": {
+            "id": row.external_id,
+            "external_id": row.external_id,
+            "email": row.email,
+            "phone": row.phone,
+            "name": row.name,
+            "locale": row.locale,
+            "timezone": row.timezone,
+            "attributes": row.attributes or {},
+        },
+        "data": data,
+        "organization": {"name": context.organization_name},
+        "unsubscribe_url": unsubscribe,
+        "preferences_url": links.preferences_url(
+            context.base_url, context.secret, context.organization_id, row.recipient_id
+        ),
+    }
 
 
 def _devices(rows: list[Any], context: ChannelContext) -> dict[int, list[Device]]:
