@@ -44,8 +44,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         )
     )
     security.configure_password_hasher(fast=app.config.get("WHISTLE_FAST_PASSWORD_HASH", False))
-    if app.config["WHISTLE_ENV"] == "production":
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
+    proxies = app.config["WHISTLE_PROXY_FIX"]
+    if proxies:  # behind a router that terminates TLS: trust its X-Forwarded-* headers
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies
+        )
 
     db.init_app(app)
     from whistle_web import models  # noqa: F401  (register every table before Alembic looks)

@@ -1,4 +1,22 @@
-"""Configuration read from environment variables only (12-factor)."""
+"""Configuration read from environment variables only (12-factor).
+
+Console sign-in and the platform's own mail:
+
+- ``WHISTLE_MAIL_URL``: the SMTP server for the platform's own mail (password resets), as
+  ``smtp://user:password@host:port`` (plain, port 25 by default), ``smtp+starttls://...``
+  (STARTTLS, port 587) or ``smtp+ssl://...`` / ``smtps://...`` (implicit TLS, port 465);
+  the user and password are percent-encoded. Unset in development or test, the reset link is
+  logged at INFO instead (never a password); unset in production, nothing is sent and a
+  warning is logged.
+- ``WHISTLE_MAIL_FROM``: the sender of that mail (``Whistle <no-reply@example.com>``).
+- ``WHISTLE_LOGIN_RATE_LIMIT``: failed sign-ins allowed per address and per email
+  (``10 per 15 minutes``); password reset requests have the same budget.
+- ``WHISTLE_SESSION_HOURS``: the longest a console session lasts; ``WHISTLE_SESSION_IDLE_MINUTES``
+  ends it sooner after that long without a request (60).
+- ``WHISTLE_PROXY_FIX``: how many proxies in front of the app set ``X-Forwarded-For``,
+  ``-Proto`` and ``-Host`` (1 in production, 0 elsewhere); with it, HSTS and Secure cookies
+  work behind a PaaS router that terminates TLS.
+"""
 
 from __future__ import annotations
 
@@ -112,6 +130,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "REMEMBER_COOKIE_HTTPONLY": True,
         "REMEMBER_COOKIE_SECURE": production or _bool(env.get("WHISTLE_SECURE_COOKIES")),
         "PERMANENT_SESSION_LIFETIME": int(env.get("WHISTLE_SESSION_HOURS", "12")) * 3600,
+        "WHISTLE_SESSION_IDLE_MINUTES": int(env.get("WHISTLE_SESSION_IDLE_MINUTES", "60")),
+        "WHISTLE_LOGIN_RATE_LIMIT": env.get("WHISTLE_LOGIN_RATE_LIMIT", "10 per 15 minutes"),
+        "WHISTLE_MAIL_URL": env.get("WHISTLE_MAIL_URL", ""),
+        "WHISTLE_MAIL_FROM": env.get("WHISTLE_MAIL_FROM", "Whistle <no-reply@localhost>"),
+        "WHISTLE_PROXY_FIX": int(env.get("WHISTLE_PROXY_FIX") or ("1" if production else "0")),
         "WTF_CSRF_TIME_LIMIT": None,
         "PREFERRED_URL_SCHEME": "https" if production else "http",
     }

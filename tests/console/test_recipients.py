@@ -6,9 +6,9 @@ import csv
 import io
 
 import pytest
-from flask import g
 from sqlalchemy import select
 
+from tests.console.clients import forget_request_caches, isolated
 from tests.factories import SYSTEM
 from tests.pipeline.conftest import run_jobs
 from whistle_web.accounts.models import Role
@@ -20,30 +20,13 @@ from whistle_web.tenancy import organization_scope
 HX = {"HX-Request": "true"}
 
 
-def _forget_request_caches() -> None:
-    g.pop("_login_user", None)  # Flask-Login's signed-in user
-    g.pop("csrf_token", None)  # Flask-WTF's token of the session
-
-
 @pytest.fixture
 def login_as(login_as):  # type: ignore[no-untyped-def]
-    """The console's ``login_as``, safe for several clients in one test.
-
-    A test keeps one application context open, so ``g`` (where Flask-Login and Flask-WTF
-    cache the user and the CSRF token) outlives a request; each request here starts clean.
-    """
+    """The console's ``login_as``, safe for several clients in one test."""
 
     def login(*args, **kwargs):  # type: ignore[no-untyped-def]
-        _forget_request_caches()
-        client = login_as(*args, **kwargs)
-        original = client.open
-
-        def open_fresh(*a, **k):  # type: ignore[no-untyped-def]
-            _forget_request_caches()
-            return original(*a, **k)
-
-        client.open = open_fresh
-        return client
+        forget_request_caches()
+        return isolated(login_as(*args, **kwargs))
 
     return login
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from email_validator import EmailNotValidError, validate_email
+from itsdangerous import BadData, URLSafeTimedSerializer
 from sqlalchemy import select, update
 
 from whistle_web import security
@@ -186,3 +189,78 @@ def current_role(user_id: int) -> Role | None:
             Membership.user_id == user_id, Membership.organization_id == org_id
         )
     )
+
+
+# --- passwords --------------------------------------------------------------------------
+
+MAX_PASSWORD_LENGTH = 500
+RESET_SALT = "whistle.console.password-reset"
+RESET_MAX_AGE = 3600
+
+
+def check_new_password(password: str, *, email: str = "", field_name: str = "password") -> None:
+    """The rules every new password follows.
+
+    Raises:
+        ValidationError: too short, too long, or the email address itself.
+    """
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValidationError.single(field_name, f"Use at least {MIN_PASSWORD_LENGTH} characters.")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise ValidationError.single(field_name, f"Use at most {MAX_PASSWORD_LENGTH} characters.")
+    if email and password.strip().lower() == email.strip().lower():
+        raise ValidationError.single(field_name, "Don't use your email address as password.")
+
+
+def set_password(user: User, password: str) -> None:
+    """Replace a user's password (which voids their reset links); flushes, does not commit.
+
+    Raises:
+        ValidationError: the password breaks :func:`check_new_password`.
+    """
+    check_new_password(password, email=user.email)
+    user.password_hash = security.hash_password(password)
+    db.session.flush()
+
+
+def change_password(user: User, current: str, new: str) -> None:
+    """Change a password knowing the current one; flushes, does not commit.
+
+    Raises:
+        ValidationError: ``current_password`` is wrong, or ``new_password`` breaks the rules.
+    """
+    if not security.verify_password(user.password_hash, current):
+        raise ValidationError.single("current_password", "This is not your current password.")
+    check_new_password(new, email=user.email, field_name="new_password")
+    set_password(user, new)
+
+
+def password_fingerprint(user: User) -> str:
+    """Changes whenever the password does, so a reset link works until the next change."""
+    return hashlib.sha256(f"{user.id}:{user.password_hash}".encode()).hexdigest()[:24]
+
+
+def password_reset_token(user: User, secret_key: str) -> str:
+    """A signed, purpose-salted token naming the user and their current password."""
+    serializer = URLSafeTimedSerializer(secret_key, salt=RESET_SALT)
+    return str(serializer.dumps({"user": user.id, "password": password_fingerprint(user)}))
+
+
+def user_for_reset_token(
+    token: str, secret_key: str, *, max_age: int = RESET_MAX_AGE
+) -> User | None:
+    """The active user a reset token is valid for: not expired, not tampered with, and
+    issued for the password the user still has. None otherwise."""
+    serializer = URLSafeTimedSerializer(secret_key, salt=RESET_SALT)
+    try:
+        claims = serializer.loads(token, max_age=max_age)
+    except BadData:
+        return None
+    if not isinstance(claims, dict) or not isinstance(claims.get("user"), int):
+        return None
+    user = db.session.get(User, claims["user"])
+    if user is None or not user.is_active:
+        return None
+    if not hmac.compare_digest(str(claims.get("password", "")), password_fingerprint(user)):
+        return None
+    return user

@@ -5,12 +5,21 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
-from flask_login import current_user, login_required, login_user, logout_user
+from flask import (
+    Blueprint,
+    abort,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask_login import current_user, login_required, logout_user
 from sqlalchemy import func, select
 
-from whistle_web.accounts.services import authenticate
-from whistle_web.console.auth import choose_organization
+from whistle_web.accounts.services import authenticate, memberships_of
+from whistle_web.console.auth import reset_session
 from whistle_web.console.forms import LoginForm
 from whistle_web.extensions import db
 from whistle_web.models import (
@@ -39,14 +48,22 @@ def _safe_next(target: str | None) -> str | None:
 def login():  # type: ignore[no-untyped-def]
     if current_user.is_authenticated:
         return redirect(url_for("console.dashboard"))
+    from whistle_web.console import account
+
     form = LoginForm()
     if form.validate_on_submit():
-        user = authenticate(form.email.data or "", form.password.data or "")
-        if user is not None and choose_organization(user) is not None:
-            login_user(user)
+        email = (form.email.data or "").strip().lower()
+        if not account.login_allowed(email):
+            form.form_errors.append("Too many failed sign-ins. Wait a few minutes and try again.")
+            return render_template("console/login.html", form=form), 429
+        user = authenticate(email, form.password.data or "")
+        memberships = memberships_of(user.id) if user is not None else []
+        if user is not None and memberships:
+            account.start_session(user, memberships[0].organization_id)
             user.last_login_at = datetime.now(UTC)
             db.session.commit()
             return redirect(_safe_next(request.args.get("next")) or url_for("console.dashboard"))
+        account.record_login_failure(email)
         # One message whatever was wrong: no hint whether the email exists.
         form.form_errors.append("Email or password is incorrect.")
         return render_template("console/login.html", form=form), 401
@@ -58,6 +75,7 @@ def login():  # type: ignore[no-untyped-def]
 @login_required
 def logout():  # type: ignore[no-untyped-def]
     logout_user()
+    reset_session()
     flash("You are signed out.", "info")
     return redirect(url_for("console.login"))
 
