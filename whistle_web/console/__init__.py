@@ -8,7 +8,15 @@ from flask import Flask
 
 # Modules that add their pages to the console blueprint (``views.bp``); they are imported
 # before the blueprint is registered. A new section adds its module here.
-PAGE_MODULES = ("views", "widget_demo", "recipients", "account", "campaigns", "segments", "templates_pages")
+PAGE_MODULES = (
+    "views",
+    "widget_demo",
+    "recipients",
+    "account",
+    "campaigns",
+    "segments",
+    "templates_pages",
+)
 
 
 def init_app(app: Flask) -> None:
