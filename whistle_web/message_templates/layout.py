@@ -47,7 +47,8 @@ class EmailLayout:
         try:
             return str(self.compiled.render(name, context).get("html", ""))
         except RenderError as error:
-            raise RenderError(f"email layout {error}") from error
+            where = str(error).removeprefix(f"{name}.html")
+            raise RenderError(f"email layout {name}{where}") from error
 
     def apply(self, html: str, context: dict[str, Any]) -> str:
         """``html`` inside the layout: the header first, then the body, then the footer.
