@@ -461,7 +461,7 @@ class Planner:
 
 # --- counting without planning (the console's pre-launch check) -----------------------------
 # Above this many recipients the check extrapolates from a sample instead of counting all.
-EXACT_COUNT_LIMIT = 100_000
+EXACT_COUNT_LIMIT = 200_000
 COUNT_SAMPLE_SIZE = 20_000
 COUNT_SECONDS = 3.0
 
@@ -504,25 +504,27 @@ def _reason_column(planner: Planner, channel: Channel, org_id: int) -> Any:
         whens.append((and_(has_address, listed), SuppressionCause.SUPPRESSION_LIST.value))
     if not planner.critical:
         category_id = planner.category.id if planner.category else None
-        keys: list[tuple[int | None, Channel | None]] = []
-        if category_id is not None:
-            keys += [(category_id, channel), (category_id, None)]
-        keys += [(None, channel), (None, None)]
-        lookups = []
-        for cat, chan in keys:
-            lookups.append(
-                select(Preference.enabled)
-                .where(
-                    Preference.recipient_id == Recipient.id,
-                    Preference.category_id.is_(None)
-                    if cat is None
-                    else Preference.category_id == cat,
-                    Preference.channel.is_(None) if chan is None else Preference.channel == chan,
-                )
-                .limit(1)
-                .scalar_subquery()
+        # The most specific preference wins: category and channel, category, channel, all.
+        category_match = (
+            Preference.category_id.is_(None)
+            if category_id is None
+            else (Preference.category_id.is_(None) | (Preference.category_id == category_id))
+        )
+        chosen = (
+            select(Preference.enabled)
+            .where(
+                Preference.recipient_id == Recipient.id,
+                category_match,
+                Preference.channel.is_(None) | (Preference.channel == channel),
             )
-        allowed = func.coalesce(*lookups, true())
+            .order_by(
+                Preference.category_id.is_(None).asc(),
+                Preference.channel.is_(None).asc(),
+            )
+            .limit(1)
+            .scalar_subquery()
+        )
+        allowed = func.coalesce(chosen, true())
         whens.append((not_(allowed), SuppressionCause.PREFERENCE.value))
     if address is not None:
         whens.append((not_(has_address), SuppressionCause.NO_ADDRESS.value))
