@@ -7,6 +7,7 @@ import json
 from sqlalchemy import func, select
 
 from whistle_web.accounts.services import authenticate, resolve_api_key
+from whistle_web.channels.kinds import Channel
 from whistle_web.deliveries.services import funnel
 from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause
 from whistle_web.demo import DEMO_EMAIL, DEMO_PASSWORD, DEMO_SLUG
@@ -88,6 +89,15 @@ def test_demo_seeds_once_with_deliveries_in_every_state(runner):
         reasons = set(db.session.scalars(select(Delivery.suppression_reason).distinct()))
         assert reasons - {None} == set(SuppressionCause) - {SuppressionCause.DUPLICATE}
         assert db.session.scalar(select(func.count()).select_from(DeliveryEvent)) > 0
+        # Sent messages carry what was sent; in-app items are numbered for the widget.
+        inbox = db.session.execute(
+            select(Delivery.rendered, Delivery.inbox_seq).where(
+                Delivery.channel == Channel.IN_APP, Delivery.sent_at.is_not(None)
+            )
+        ).all()
+        assert inbox and all(r.rendered and r.rendered.get("title") for r in inbox)
+        assert all(r.inbox_seq for r in inbox)
+        assert len({r.inbox_seq for r in inbox}) == len(inbox)
         campaign = db.session.scalar(
             select(Campaign).where(Campaign.status == CampaignStatus.COMPLETED)
         )

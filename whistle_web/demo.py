@@ -16,10 +16,12 @@ from whistle_web.accounts.services import (
     find_user_by_email,
 )
 from whistle_web.channels.kinds import Channel, ProviderKind
+from whistle_web.deliveries.models import INBOX_SEQ
 from whistle_web.deliveries.services import rebuild_stats
 from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause
 from whistle_web.errors import Actor
 from whistle_web.extensions import db
+from whistle_web.message_templates.rendering import CompiledContent, RenderError, compile_content
 from whistle_web.models import (
     AudienceType,
     Campaign,
@@ -408,6 +410,9 @@ def _send(
     db.session.add(request)
     db.session.flush()
     suppressed_addresses = set(db.session.scalars(select(Suppression.address)))
+    version = db.session.get(TemplateVersion, template.published_version_id)
+    compiled = compile_content(version.content if version else {})
+    organization_name = db.session.get(Organization, template.organization_id).name
     for index, recipient in enumerate(audience):
         notification = Notification(
             send_request_id=request.id,
@@ -432,9 +437,39 @@ def _send(
                 created_at=at,
             )
             _apply(delivery, status, reason, at, rng)
+            if delivery.sent_at is not None:
+                # What the widget and the recipient's story show: the message as sent.
+                delivery.rendered = _rendered(compiled, channel, recipient, organization_name)
+                if channel == Channel.IN_APP:
+                    delivery.inbox_seq = db.session.scalar(INBOX_SEQ.next_value())
             db.session.add(delivery)
             db.session.flush()
             _events(delivery)
+
+
+def _rendered(
+    compiled: CompiledContent, channel: str, recipient: Recipient, organization_name: str
+) -> dict[str, Any] | None:
+    context = {
+        "recipient": {
+            "id": recipient.external_id,
+            "external_id": recipient.external_id,
+            "email": recipient.email,
+            "phone": recipient.phone,
+            "name": recipient.name,
+            "locale": recipient.locale,
+            "timezone": recipient.timezone,
+            "attributes": recipient.attributes or {},
+        },
+        "data": {},
+        "organization": {"name": organization_name},
+        "unsubscribe_url": "",
+        "preferences_url": "",
+    }
+    try:
+        return compiled.render(channel, context) or None
+    except RenderError:
+        return None
 
 
 def _outcome(
