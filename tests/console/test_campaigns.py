@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -619,3 +619,36 @@ def test_duplicate_and_delete(login_as, org, template, recipients):
     deleted = client.post(f"/campaigns/{copy.id}/delete", data={"csrf_token": client.csrf})
     assert deleted.status_code == 303
     assert [c.id for c in campaigns_of(org)] == [original.id]
+
+
+def test_a_scheduled_campaign_that_cannot_send_now_says_so_where_it_shows(
+    login_as, org, template, recipients, redis
+):
+    soon = datetime.now(UTC) + timedelta(minutes=2)
+    later = datetime.now(UTC) + timedelta(days=3)
+    campaign = make_campaign(org, send_at=later)
+    client = login_as(Role.EDITOR)
+    client.post(f"/campaigns/{campaign.id}/launch", data={"csrf_token": client.csrf})
+    db.session.refresh(campaign)
+    assert campaign.status == CampaignStatus.SCHEDULED
+    # Scheduled days ahead: no polling.
+    assert "every 2s" not in client.get(f"/campaigns/{campaign.id}").get_data(as_text=True)
+    response = client.post(f"/campaigns/{campaign.id}/edit", data=form(client, when="now"))
+    assert response.status_code == 422
+    html = response.get_data(as_text=True)
+    assert 'id="when-error"' in html and "launch it to send now" in html
+
+    # Due in two minutes: the page polls so it shows the start.
+    local = soon.astimezone(UTC).strftime("%Y-%m-%dT%H:%M")
+    response = client.post(
+        f"/campaigns/{campaign.id}/edit", data=form(client, when="at", send_at=local)
+    )
+    assert response.status_code == 303, response.get_data(as_text=True)[-2000:]
+    assert 'hx-trigger="every 2s"' in client.get(f"/campaigns/{campaign.id}").get_data(as_text=True)
+
+
+def test_a_channel_without_a_provider_is_flagged(login_as, org, template, recipients):
+    campaign = make_campaign(org, channels=["sms", "in_app"])
+    html = login_as(Role.EDITOR).get(f"/campaigns/{campaign.id}/check").get_data(as_text=True)
+    assert "No enabled provider: these deliveries will fail." in html
+    assert "no_address" in html  # nobody here has a phone number

@@ -7,7 +7,7 @@ functions); the numbers come from the funnel counters, never from counting deliv
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -41,6 +41,8 @@ from whistle_web.message_templates.models import Template
 PAGE_SIZE = 50
 # The page polls while these states can still change by themselves.
 LIVE_STATES = (CampaignStatus.SENDING,)
+# A one-off campaign scheduled this soon is polled too, so its page shows the start.
+SOON = timedelta(minutes=5)
 MAX_EXTERNAL_IDS = 10_000
 CHANNEL_LABELS = {
     "email": "Email",
@@ -369,7 +371,10 @@ def campaign_edit(campaign_id: int) -> Any:
         except ValidationError as error:
             db.session.rollback()
             for field_error in error.errors:
-                form.add_error(field_error.field, field_error.message)
+                name = field_error.field
+                if name == "send_at" and form.when.data != "at":
+                    name = "when"  # the time field is hidden: say it where it shows
+                form.add_error(name, field_error.message)
         except InvalidState as error:
             flash(error.detail, "error")
             return redirect(url_for("console.campaign_show", campaign_id=campaign.id), 303)
@@ -409,6 +414,18 @@ def campaign_cron_preview() -> Any:
 
 
 # --- one campaign ------------------------------------------------------------------------
+def _live(campaign: Campaign) -> bool:
+    """Whether the page should poll: sending, or a one-off send about to start."""
+    if campaign.status in LIVE_STATES:
+        return True
+    return (
+        campaign.status == CampaignStatus.SCHEDULED
+        and not campaign.cron
+        and campaign.next_run_at is not None
+        and campaign.next_run_at <= datetime.now(UTC) + SOON
+    )
+
+
 def _live_context(campaign: Campaign) -> dict[str, Any]:
     metrics = funnel(StatScope.CAMPAIGN, campaign.id)
     overall = metrics.pop("all")
@@ -420,7 +437,7 @@ def _live_context(campaign: Campaign) -> dict[str, Any]:
             channel: {"metrics": values, "rates": _rates(values)}
             for channel, values in sorted(metrics.items())
         },
-        "live": campaign.status in LIVE_STATES,
+        "live": _live(campaign),
         "runs": services.campaign_runs(campaign.id),
     }
 
