@@ -652,3 +652,52 @@ def test_a_channel_without_a_provider_is_flagged(login_as, org, template, recipi
     html = login_as(Role.EDITOR).get(f"/campaigns/{campaign.id}/check").get_data(as_text=True)
     assert "No enabled provider: these deliveries will fail." in html
     assert "no_address" in html  # nobody here has a phone number
+
+
+def test_the_most_specific_preference_wins_in_the_count_as_in_the_planner(
+    org, make_recipient, make_template, jobs, statuses_by_channel, redis
+):
+    from whistle_web.models import Category
+
+    with organization_scope(org.id):
+        category = Category(key="news", name="News")
+        other = Category(key="billing", name="Billing")
+        db.session.add_all([category, other])
+        db.session.flush()
+    template = make_template(org, "news", CONTENT)
+    with organization_scope(org.id):
+        template.category_id = category.id
+        db.session.flush()
+    cases = {
+        # (category, channel) -> enabled
+        "global-off-category-on": {(None, None): False, (category.id, None): True},
+        "channel-off-category-on": {(None, Channel.EMAIL): False, (category.id, None): True},
+        "category-channel-off": {(category.id, Channel.EMAIL): False, (None, None): True},
+        "category-off-channel-on": {(category.id, None): False, (None, Channel.EMAIL): True},
+        "other-category-off": {(other.id, None): False},
+        "in-app-off": {(None, Channel.IN_APP): False},
+    }
+    for external_id, prefs in cases.items():
+        person = make_recipient(org, external_id, email=f"{external_id}@x.test")
+        with organization_scope(org.id):
+            for (cat, channel), enabled in prefs.items():
+                db.session.add(
+                    Preference(
+                        recipient_id=person.id, category_id=cat, channel=channel, enabled=enabled
+                    )
+                )
+            db.session.flush()
+    campaign = make_campaign(org, template_key="news", channels=["email", "in_app"])
+    with organization_scope(org.id):
+        counted = count_campaign_audience(campaign.id)
+    assert counted.channels["email"]["reasons"] == {"preference": 2}
+    assert counted.channels["in_app"]["reasons"] == {"preference": 2}  # in-app-off, category-off
+    from whistle_web.campaigns.services import launch_campaign
+
+    with organization_scope(org.id):
+        launch_campaign(campaign.id, actor=SYSTEM)
+    jobs()
+    planned = statuses_by_channel(campaign.id)
+    for channel, entry in counted.channels.items():
+        assert planned[channel]["suppressed"] == entry["reasons"], channel
+        assert planned[channel]["queued"] == entry["queued"], channel
