@@ -381,3 +381,55 @@ def _test_message(provider: Provider, to: str | None, device_data: dict[str, Any
         return Message(0, channel, to, {"title": title, "body": body}, meta=meta)
     payload = {"type": "test", "provider": provider.name, "message": body, "sent_at": now}
     return Message(0, channel, to, {"payload": payload}, meta=meta)
+
+
+# --- failover order ----------------------------------------------------------------------
+
+
+def providers_by_channel() -> dict[Channel, list[Provider]]:
+    """Every provider of the current organization, per channel in failover order."""
+    rows = db.session.scalars(
+        select(Provider).order_by(Provider.channel, Provider.priority, Provider.id)
+    )
+    grouped: dict[Channel, list[Provider]] = {channel: [] for channel in Channel}
+    for provider in rows:
+        grouped[Channel(provider.channel)].append(provider)
+    return grouped
+
+
+def move_provider(provider_id: int, offset: int, *, actor: Actor) -> list[Provider]:
+    """Move a provider ``offset`` places in its channel's failover order (-1: earlier). Commits.
+
+    The channel's providers are renumbered 10, 20, 30... so that equal priorities (the
+    default is 100 for all) still give a definite order to move in.
+
+    Returns:
+        The channel's providers in their new order.
+
+    Raises:
+        NotFound: no such provider.
+    """
+    provider = get_provider(provider_id)
+    siblings = list(
+        db.session.scalars(
+            select(Provider)
+            .where(Provider.channel == provider.channel)
+            .order_by(Provider.priority, Provider.id)
+            .with_for_update()
+        )
+    )
+    index = siblings.index(provider)
+    target = max(0, min(len(siblings) - 1, index + offset))
+    if target != index:
+        siblings.insert(target, siblings.pop(index))
+        for position, sibling in enumerate(siblings, start=1):
+            sibling.priority = position * 10
+        record_audit(
+            actor,
+            "provider.reordered",
+            "provider",
+            provider.id,
+            {"channel": str(provider.channel), "order": [p.name for p in siblings]},
+        )
+        db.session.commit()
+    return siblings
