@@ -621,3 +621,13 @@ def test_the_template_preview_shows_the_layout(login_as, org, template):
     ).get_data(as_text=True)
     frame = client.get(frame_url(fragment)).get_data(as_text=True)
     assert frame.index("Acme header") < frame.index("<p>Body</p>") < frame.index("Unsubscribe")
+
+
+def test_ids_beyond_the_database_range_are_404(login_as, template):
+    client = login_as(Role.EDITOR)
+    huge = "9" * 25
+    assert client.get(f"/templates/{huge}").status_code == 404
+    assert client.get(f"/templates/{template.id}/versions/{huge}").status_code == 404
+    assert client.get(f"/templates/{template.id}/versions/0").status_code == 404
+    response = client.post("/templates/preview", data=form(client, template_id=huge))
+    assert response.status_code == 404

@@ -416,7 +416,11 @@ def template_publish(template_id: int) -> Any:
 def template_preview() -> Any:
     """The preview pane for the editor's current content (a fragment for htmx)."""
     template_id = request.form.get("template_id", "")
-    template = _template_or_404(int(template_id)) if template_id.isdigit() else None
+    template = (
+        _template_or_404(int(template_id))
+        if template_id.isascii() and template_id.isdigit()
+        else None
+    )
     values = _posted_values()
     if template is not None:
         values["key"] = template.key

@@ -431,7 +431,7 @@ def template_overview() -> list[TemplateSummary]:
 
 def get_template_by_id(template_id: int) -> Template:
     """Raises NotFound: no template with this id in the current organization."""
-    template = db.session.get(Template, template_id)
+    template = db.session.get(Template, template_id) if 0 < template_id < 2**63 else None
     if template is None:
         raise NotFound("No such template.")
     return template
@@ -450,6 +450,8 @@ def list_versions(template: Template) -> list[TemplateVersion]:
 
 def get_version(template: Template, number: int) -> TemplateVersion:
     """Raises NotFound: the template has no such version."""
+    if not 0 < number < 2**31:
+        raise NotFound(f"Template {template.key!r} has no version {number}.")
     version = db.session.scalar(
         select(TemplateVersion).where(
             TemplateVersion.template_id == template.id, TemplateVersion.version == number
