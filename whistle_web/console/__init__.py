@@ -16,6 +16,12 @@ PAGE_MODULES = (
     "campaigns",
     "segments",
     "templates_pages",
+    "settings",
+    "settings_keys",
+    "settings_team",
+    "settings_audience",
+    "settings_org",
+    "operations",
 )
 
 
