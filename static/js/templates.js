@@ -97,7 +97,14 @@
   });
 
   document.addEventListener("keydown", function (event) {
-    var tab = event.target.closest("[data-tabs] [role=tab]");
+    // Ctrl+S / Cmd+S saves the draft (the form's own submit button: nothing if read-only).
+    if ((event.ctrlKey || event.metaKey) && event.key.toLowerCase() === "s") {
+      var editor = document.querySelector("form.tpl-editor, form#layout-form");
+      var save = editor && editor.querySelector(".tpl-buttons button.primary[type=submit]");
+      if (save) { event.preventDefault(); editor.requestSubmit(save); }
+      return;
+    }
+    var tab = event.target.closest && event.target.closest("[data-tabs] [role=tab]");
     if (!tab) return;
     var tabs = Array.from(tab.closest("[data-tabs]").querySelectorAll("[role=tab]"));
     var i = tabs.indexOf(tab);

@@ -631,3 +631,17 @@ def test_ids_beyond_the_database_range_are_404(login_as, template):
     assert client.get(f"/templates/{template.id}/versions/0").status_code == 404
     response = client.post("/templates/preview", data=form(client, template_id=huge))
     assert response.status_code == 404
+
+
+def test_previews_of_one_open_editor_reuse_one_stored_frame(login_as, redis):
+    client = login_as(Role.EDITOR)
+    page = client.get("/templates/new").get_data(as_text=True)
+    slot = re.search(r'name="preview_slot" value="([^"]+)"', page).group(1)
+    urls = set()
+    for word in ("one", "two", "three"):
+        fields = form(client, email_subject="s", email_html=f"<p>{word}</p>", preview_slot=slot)
+        fragment = client.post("/templates/preview", data=fields, headers=HX)
+        urls.add(frame_url(fragment.get_data(as_text=True)))
+    assert len(urls) == 3  # a new URL each time, so the iframe reloads...
+    assert len(redis.keys("whistle:console:preview:*")) == 1  # ...one stored HTML
+    assert "<p>three</p>" in client.get(urls.pop()).get_data(as_text=True)

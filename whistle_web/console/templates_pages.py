@@ -73,6 +73,8 @@ SAMPLE_RECIPIENT = {
     "timezone": "Europe/London",
 }
 MAX_DATA_CHARS = 20_000
+SLOT = re.compile(r"[A-Za-z0-9_\-]{16,64}")
+LAYOUT_FIELDS = ("header_html", "footer_html", "brand_color")
 FRAME_SECONDS = 600
 FRAME_CSP = (
     "sandbox; default-src 'none'; img-src https: http: data:; style-src 'unsafe-inline'; "
@@ -95,6 +97,7 @@ def _form_values(template: Template | None, content: dict[str, Any] | None) -> d
         "category": "",
         "preview_data": "{}",
         "preview_recipient": "",
+        "preview_slot": _slot(),
     }
     if template is not None and template.category_id is not None:
         category = next(
@@ -122,7 +125,9 @@ def _sample_data(content: dict[str, Any]) -> dict[str, str]:
 def _posted_values() -> dict[str, str]:
     names = ["key", "name", "description", "category", "preview_data", "preview_recipient"]
     names += [form for spec in CHANNELS.values() for form, *_ in spec["fields"]]
-    return {name: request.form.get(name, "").replace("\r\n", "\n") for name in names}
+    values = {name: request.form.get(name, "").replace("\r\n", "\n") for name in names}
+    values["preview_slot"] = _slot()
+    return values
 
 
 def _content(values: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -201,15 +206,22 @@ def _changes(values: dict[str, str]) -> dict[str, Any]:
 # --- preview -------------------------------------------------------------------------------
 
 
-def _store_frame(html: str) -> str | None:
-    """Keep the email HTML for the preview iframe; its token, or None if Redis is down."""
-    token = secrets.token_urlsafe(18)
+def _slot() -> str:
+    """The editor page's preview slot: every preview of one open page overwrites the one
+    stored HTML (a fast typist never piles up copies), a new page gets a new slot."""
+    slot = request.form.get("preview_slot", "")
+    return slot if SLOT.fullmatch(slot) else secrets.token_urlsafe(18)
+
+
+def _store_frame(html: str, slot: str) -> str | None:
+    """Keep the email HTML for the preview iframe; the frame's URL, or None if Redis is down."""
     try:
-        get_redis().set(_frame_key(token), html, ex=FRAME_SECONDS)
+        get_redis().set(_frame_key(slot), html, ex=FRAME_SECONDS)
     except (RedisError, OSError):  # a preview without the email frame beats an error page
         current_app.logger.warning("could not store an email preview", exc_info=True)
         return None
-    return token
+    # A new URL each time: the swapped-in iframe loads the new HTML, never a cached one.
+    return url_for("console.template_preview_frame", token=slot, v=secrets.token_hex(4))
 
 
 def _frame_key(token: str) -> str:
@@ -255,7 +267,7 @@ def _preview(values: dict[str, str]) -> dict[str, Any]:
     return {
         "rendered": rendered,
         "errors": _error_map(errors),
-        "frame_token": _store_frame(html) if html else None,
+        "frame_url": _store_frame(html, values["preview_slot"]) if html else None,
         "sms": sms_count(sms) if sms is not None else None,
         "recipient": context["recipient"],
         "sample": external_id is None,
@@ -435,7 +447,7 @@ def template_preview() -> Any:
 @requires("view")
 def template_preview_frame(token: str) -> Any:
     """The email HTML of a preview, for the sandboxed iframe: no script can run in it."""
-    if not re.fullmatch(r"[A-Za-z0-9_\-]{10,64}", token):
+    if not SLOT.fullmatch(token):
         abort(404)
     try:
         html = get_redis().get(_frame_key(token))
@@ -577,24 +589,25 @@ def _layout_values() -> dict[str, str]:
         "header_html": request.form.get("header_html", "").replace("\r\n", "\n"),
         "footer_html": request.form.get("footer_html", "").replace("\r\n", "\n"),
         "brand_color": request.form.get("brand_color", "").strip(),
+        "preview_slot": _slot(),
     }
 
 
 def _layout_preview(values: dict[str, str]) -> dict[str, Any]:
     errors = services.check_layout(values)
-    token = None
+    frame = None
     if not errors:
         context = services.preview_context(
             recipient=SAMPLE_RECIPIENT, base_url=current_app.config["WHISTLE_BASE_URL"]
         )
-        settings = {"email_layout": values}
+        settings = {"email_layout": {k: values[k] for k in LAYOUT_FIELDS}}
         result = services.render_content(
             {"email": {"html": SAMPLE_BODY}}, context, settings=settings
         )
         errors = [FieldError("header_html", e.message) for e in result.errors]
         html = result.channels.get("email", {}).get("html")
-        token = _store_frame(html) if html and not errors else None
-    return {"values": values, "errors": _error_map(errors), "frame_token": token}
+        frame = _store_frame(html, values["preview_slot"]) if html and not errors else None
+    return {"values": values, "errors": _error_map(errors), "frame_url": frame}
 
 
 @bp.route("/templates/layout", methods=["GET", "POST"])
@@ -603,11 +616,13 @@ def template_layout() -> Any:
     """The header, footer and brand colour wrapped around every email."""
     if request.method == "GET":
         return access.render(
-            "console/templates/layout.html", None, **_layout_preview(services.email_layout())
+            "console/templates/layout.html",
+            None,
+            **_layout_preview({**services.email_layout(), "preview_slot": _slot()}),
         )
     values = _layout_values()
     try:
-        services.update_email_layout(**values, actor=actor())
+        services.update_email_layout(**{k: values[k] for k in LAYOUT_FIELDS}, actor=actor())
     except ValidationError as exc:
         context = _layout_preview(values)
         context["errors"] = _error_map(exc.errors)
