@@ -311,6 +311,40 @@ def test_test_send_reaches_a_real_smtp_server(login_as, org):
     assert SECRET_PASSWORD not in bad.get_data(as_text=True)
 
 
+def test_push_test_sends_take_device_data_as_json(login_as, org):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with organization_scope(org.id):
+        provider = create_provider(
+            channel="push",
+            kind="webpush",
+            name="Browsers",
+            config={"vapid_subject": "mailto:ops@acme.io", "vapid_private_key": key.decode()},
+            actor=SYSTEM,
+        )
+    client = login_as(Role.ADMIN)
+    page = client.get(f"/settings/providers/{provider.id}").get_data(as_text=True)
+    assert 'name="device_data"' in page and "PRIVATE KEY" not in page
+    response = post(
+        client,
+        f"/settings/providers/{provider.id}/test",
+        {"to": "https://push.example/x", "device_data": "[1, 2]"},
+        headers={"HX-Request": "true"},
+    )
+    assert response.status_code == 422 and "JSON object" in response.get_data(as_text=True)
+
+
+def test_viewers_see_providers_without_the_buttons_that_change_them(login_as, org):
+    smtp_provider(org)
+    page = login_as(Role.VIEWER).get("/settings/providers").get_data(as_text=True)
+    assert "Mailer" in page
+    assert "Disable" not in page and "Add a provider" not in page and "/move" not in page
+
+
 def test_foreign_providers_are_404(login_as, other_org):
     foreign = smtp_provider(other_org)
     client = login_as(Role.OWNER)

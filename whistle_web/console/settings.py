@@ -12,6 +12,7 @@ Other settings pages live in ``settings_keys``, ``settings_team``, ``settings_au
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -307,6 +308,7 @@ def _form_page(
         "kind_labels": KIND_LABELS,
         "test_hint": TEST_ADDRESS_HINT[PROVIDER_CHANNEL[kind]] if kind else "",
         "to": "",
+        "device_data": "",
         "test_errors": {},
         "outcome": None,
         **extra,
@@ -486,17 +488,27 @@ def settings_provider_test(provider_id: int) -> Any:
     errors: dict[str, list[str]] = {}
     outcome = None
     status = 200
+    device_data, device_error = _device_data(provider)
     if "\x00" in to or len(to) > 2048:
         errors = {"to": ["This address is not allowed."]}
         status = 422
+    elif device_error:
+        errors = {"device_data": [device_error]}
+        status = 422
     else:
         try:
-            outcome = send_test_message(provider.id, to, actor=actor())
+            outcome = send_test_message(provider.id, to, device_data=device_data, actor=actor())
         except ValidationError as exc:
             errors, status = errors_by_field(exc), 422
         except DomainError as exc:
             errors, status = {"to": [exc.detail]}, exc.status
-    context = {"provider": provider, "to": to, "test_errors": errors, "outcome": outcome}
+    context = {
+        "provider": provider,
+        "to": to,
+        "device_data": request.form.get("device_data", ""),
+        "test_errors": errors,
+        "outcome": outcome,
+    }
     if htmx:
         return render(
             "console/settings/_provider_test.html",
@@ -512,6 +524,20 @@ def settings_provider_test(provider_id: int) -> Any:
         status=status,
         **{k: v for k, v in context.items() if k != "provider"},
     )
+
+
+def _device_data(provider: Provider) -> tuple[dict[str, Any] | None, str | None]:
+    """Push only: the device data typed as JSON (a Web Push subscription's keys)."""
+    raw = request.form.get("device_data", "").strip()
+    if Channel(provider.channel) != Channel.PUSH or not raw:
+        return None, None
+    try:
+        data = json.loads(raw) if len(raw) <= MAX_FIELD_LENGTH and "\x00" not in raw else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return None, 'Paste a JSON object, e.g. {"keys": {"p256dh": "...", "auth": "..."}}.'
+    return data, None
 
 
 def no_store(response: Response) -> Response:
