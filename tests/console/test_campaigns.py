@@ -701,3 +701,37 @@ def test_the_most_specific_preference_wins_in_the_count_as_in_the_planner(
     for channel, entry in counted.channels.items():
         assert planned[channel]["suppressed"] == entry["reasons"], channel
         assert planned[channel]["queued"] == entry["queued"], channel
+
+
+def test_email_samples_carry_the_organization_layout(login_as, org, template, recipients):
+    from whistle_web.message_templates.layout import SETTINGS_KEY
+    from whistle_web.models import Organization
+
+    with organization_scope(org.id):
+        db.session.get(Organization, org.id).settings = {
+            SETTINGS_KEY: {"header_html": "<p>Brand for {{ recipient.name }}</p>"}
+        }
+        db.session.flush()
+    campaign = make_campaign(org, channels=["email"])
+    html = login_as(Role.VIEWER).get(f"/campaigns/{campaign.id}/check").get_data(as_text=True)
+    # Shown as source, escaped: the header rendered for the sample recipient.
+    assert "&lt;p&gt;Brand for Person 0&lt;/p&gt;" in html
+
+
+def test_sample_emails_open_in_a_sandboxed_frame(
+    login_as, org, other_org, template, recipients, make_template
+):
+    campaign = make_campaign(org, channels=["email", "in_app"])
+    client = login_as(Role.VIEWER)
+    html = client.get(f"/campaigns/{campaign.id}/check").get_data(as_text=True)
+    assert f'src="/campaigns/{campaign.id}/check/email/2"' in html and 'sandbox=""' in html
+    frame = client.get(f"/campaigns/{campaign.id}/check/email/1")
+    assert frame.status_code == 200
+    assert frame.headers["Content-Security-Policy"].startswith("sandbox; default-src 'none'")
+    assert "Hi Person 1" in frame.get_data(as_text=True)
+    assert client.get(f"/campaigns/{campaign.id}/check/email/4").status_code == 404
+    in_app_only = make_campaign(org, "In-app only")
+    assert client.get(f"/campaigns/{in_app_only.id}/check/email/0").status_code == 404
+    make_template(other_org, "digest", CONTENT)
+    theirs = make_campaign(other_org, channels=["email"])
+    assert client.get(f"/campaigns/{theirs.id}/check/email/0").status_code == 404

@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from flask import abort, flash, redirect, render_template, request, url_for
+from flask import abort, flash, make_response, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from wtforms import (
@@ -499,6 +499,37 @@ def _check_page(campaign: Campaign, error: str | None = None, status: int = 200)
     )
     context["problem"] = None
     return render_template("console/campaigns/check.html", **context), status
+
+
+# The sample email's own page: a sandbox where nothing runs, styles inline as in a mail client.
+FRAME_CSP = (
+    "sandbox; default-src 'none'; img-src https: http: data:; style-src 'unsafe-inline'; "
+    "font-src https: data:; frame-ancestors 'self'; form-action 'none'; base-uri 'none'"
+)
+
+
+@bp.get("/campaigns/<int:campaign_id>/check/email/<int:index>")
+@requires("view")
+def campaign_check_email(campaign_id: int, index: int) -> Any:
+    """The email HTML of one sample recipient, for the check page's sandboxed iframe."""
+    campaign = _get(campaign_id)
+    if index >= services.PREVIEW_SAMPLE:
+        abort(404)
+    try:
+        samples = services.render_samples(campaign.id, sample=index + 1)
+    except ValidationError:
+        abort(404)
+    if len(samples) <= index:
+        abort(404)
+    html = samples[index]["channels"].get("email", {}).get("html")
+    if not html:
+        abort(404)
+    response = make_response(html)
+    response.mimetype = "text/html"
+    response.headers["Content-Security-Policy"] = FRAME_CSP
+    response.headers["X-Frame-Options"] = "SAMEORIGIN"
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 # --- actions ------------------------------------------------------------------------------
