@@ -645,3 +645,29 @@ def test_previews_of_one_open_editor_reuse_one_stored_frame(login_as, redis):
     assert len(urls) == 3  # a new URL each time, so the iframe reloads...
     assert len(redis.keys("whistle:console:preview:*")) == 1  # ...one stored HTML
     assert "<p>three</p>" in client.get(urls.pop()).get_data(as_text=True)
+
+
+def test_the_latest_draft_is_published_from_the_history_without_a_copy(login_as, org, template):
+    client = login_as(Role.EDITOR)
+    client.post(f"/templates/{template.id}", data=form(client, sms_text="Draft"))
+    response = client.post(
+        f"/templates/{template.id}/versions/2/rollback",
+        data={"csrf_token": client.csrf},
+        follow_redirects=True,
+    )
+    assert "Version 2 is published." in response.get_data(as_text=True)
+    assert [(n, s) for n, s, _ in versions_of(org, template.id)] == [
+        (1, "archived"),
+        (2, "published"),
+    ]
+    broken = client.post(
+        f"/templates/{template.id}/publish", data=form(client, sms_text="{{ nope }}")
+    )
+    assert broken.status_code == 422
+    refused = client.post(
+        f"/templates/{template.id}/versions/3/rollback",
+        data={"csrf_token": client.csrf},
+        follow_redirects=True,
+    )
+    assert "unknown variable" in refused.get_data(as_text=True)
+    assert [(n, s) for n, s, _ in versions_of(org, template.id)][-1] == (3, "draft")

@@ -554,16 +554,23 @@ def template_version(template_id: int, number: int) -> Any:
 @bp.post("/templates/<int:template_id>/versions/<int:number>/rollback")
 @requires("edit")
 def template_rollback(template_id: int, number: int) -> Any:
-    """Publish an older version's content again, as a new version."""
+    """Publish an older version's content again, as a new version (the latest draft is
+    simply published)."""
     template = _template_or_404(template_id)
+    draft = services.latest_draft(template)
     try:
-        version = services.rollback_template(template.key, number, actor=actor())
+        if draft is not None and draft.version == number:
+            services.publish_template(template.key, actor=actor())
+            message = f"Version {number} is published."
+        else:
+            version = services.rollback_template(template.key, number, actor=actor())
+            message = f"Version {number} is published again as version {version.version}."
     except NotFound:
         abort(404)
     except (InvalidState, ValidationError) as exc:
-        flash(f"Version {number} was not published again: {exc.detail}", "error")
+        flash(f"Version {number} was not published: {exc.detail}", "error")
         return redirect(url_for("console.template_versions", template_id=template.id), 303)
-    flash(f"Version {number} is published again as version {version.version}.", "info")
+    flash(message, "info")
     return redirect(url_for("console.template_versions", template_id=template.id), 303)
 
 
