@@ -95,7 +95,7 @@ def _form_values(template: Template | None, content: dict[str, Any] | None) -> d
         "name": template.name if template else "",
         "description": template.description if template else "",
         "category": "",
-        "preview_data": "{}",
+        "preview_data": json.dumps(_sample_data(content or {}), indent=2),
         "preview_recipient": "",
         "preview_slot": _slot(),
     }
@@ -108,7 +108,6 @@ def _form_values(template: Template | None, content: dict[str, Any] | None) -> d
         for form, field_name, *_ in spec["fields"]:
             value = ((content or {}).get(channel) or {}).get(field_name)
             values[form] = value if isinstance(value, str) else ""
-    values["preview_data"] = json.dumps(_sample_data(content or {}), indent=2)
     return values
 
 
