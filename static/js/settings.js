@@ -15,3 +15,13 @@ document.addEventListener("click", (event) => {
     try { document.execCommand("copy"); done(); } catch (_) { /* the text stays selected */ }
   }
 });
+
+// Answers that carry the form or fragment with its messages (422 invalid, 409 refused, 403
+// not allowed for this role) are swapped in like successes so the message shows in place.
+document.addEventListener("htmx:beforeSwap", (event) => {
+  const status = event.detail.xhr.status;
+  if (status === 422 || status === 409 || status === 403) {
+    event.detail.shouldSwap = true;
+    event.detail.isError = false;
+  }
+});

@@ -99,3 +99,22 @@ def test_create_and_revoke_an_api_key(admin, live_server, page):
     page.get_by_role("button", name="Revoke").click()
     page.wait_for_selector("text=revoked")
     assert httpx.get(api, headers=headers).status_code == 401
+
+
+def test_the_last_owner_sees_why_they_cannot_step_down(app, live_server, page):
+    org = create_organization("Owner Co")
+    owner = create_user("owner@browser.io", PASSWORD)
+    with organization_scope(org.id):
+        add_member(owner, Role.OWNER, actor=SYSTEM)
+    db.session.commit()
+    page.goto(f"{live_server}/login")
+    page.fill("input[name=email]", "owner@browser.io")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server}/")
+    page.goto(f"{live_server}/settings/team")
+    page.select_option(f"#role-{owner.id}", "admin")
+    page.get_by_role("button", name="Change").click()
+    # The refusal (409) is swapped in place by htmx, next to the role.
+    page.wait_for_selector("text=The last owner cannot be demoted")
+    assert page.url == f"{live_server}/settings/team"
