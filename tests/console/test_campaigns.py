@@ -256,6 +256,8 @@ def test_a_campaign_with_every_audience_and_timing(login_as, org, template, reci
         ({"channels": []}, "channels", "Choose at least one channel."),
         ({"audience": "list", "external_ids": " , "}, "external_ids", "Paste at least one"),
         ({"audience": "segment", "segment": ""}, "segment", "Choose an existing segment."),
+        ({"audience": "segment", "segment": "9" * 30}, "segment", "Choose an existing segment."),
+        ({"audience": "segment", "segment": "123456"}, "segment", "Choose an existing segment."),
         ({"audience": "topic", "topic": "nope"}, "topic", "Choose an existing topic."),
         ({"when": "at", "send_at": ""}, "send_at", "Give a date and time."),
         ({"when": "at", "send_at": "2001-01-01T10:00"}, "send_at", "in the future"),
@@ -735,3 +737,12 @@ def test_sample_emails_open_in_a_sandboxed_frame(
     make_template(other_org, "digest", CONTENT)
     theirs = make_campaign(other_org, channels=["email"])
     assert client.get(f"/campaigns/{theirs.id}/check/email/0").status_code == 404
+
+
+def test_ids_beyond_the_database_range_are_404(login_as):
+    client = login_as(Role.OWNER)
+    huge = 2**63
+    for path in ("", "/check", "/edit", "/cancel", "/check/email/0"):
+        assert client.get(f"/campaigns/{huge}{path}").status_code == 404, path
+    response = client.post(f"/campaigns/{huge}/pause", data={"csrf_token": client.csrf})
+    assert response.status_code == 404

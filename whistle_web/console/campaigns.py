@@ -44,6 +44,7 @@ LIVE_STATES = (CampaignStatus.SENDING,)
 # A one-off campaign scheduled this soon is polled too, so its page shows the start.
 SOON = timedelta(minutes=5)
 MAX_EXTERNAL_IDS = 10_000
+MAX_ID = 2**63 - 1  # bigint: a larger id is simply not found
 CHANNEL_LABELS = {
     "email": "Email",
     "sms": "SMS",
@@ -172,7 +173,8 @@ def _values(form: CampaignForm) -> dict[str, Any] | None:
         ok = False
     audience = values["audience_type"]
     if audience == "segment":
-        if not (form.segment.data or "").isdigit():
+        raw = form.segment.data or ""
+        if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_ID:
             form.add_error("segment", "Choose an existing segment.")
             ok = False
         else:
@@ -259,6 +261,8 @@ def _fill(form: CampaignForm, campaign: Campaign) -> None:
 
 
 def _get(campaign_id: int) -> Campaign:
+    if campaign_id > MAX_ID:
+        abort(404)
     try:
         return services.get_campaign(campaign_id)
     except NotFound:
