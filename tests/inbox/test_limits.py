@@ -143,3 +143,18 @@ def test_idle_sockets_hold_no_database_connection(live_server, inbox, app):
         sockets[0].expect("ack")
         time.sleep(0.2)
         assert db.engine.pool.checkedout() == baseline
+
+
+def test_one_subscription_serves_every_socket_of_the_process(live_server, inbox, redis):
+    from contextlib import ExitStack
+
+    org = inbox["org"]
+    with ExitStack() as stack:
+        for external_id in ("u-1", "u-1", "u-2"):
+            stack.enter_context(socket(live_server)).auth(token_for(org.id, external_id))
+        ours = [
+            c
+            for c in redis.client_list(_type="pubsub")
+            if c.get("name") == hub_module.client_name()
+        ]
+        assert len(ours) == 1 and ours[0]["psub"] == "1"
