@@ -266,6 +266,9 @@ def test_a_campaign_with_every_audience_and_timing(login_as, org, template, reci
         ({"timezone": "Mars/Olympus"}, "timezone", "Not an IANA time zone."),
         ({"payload": "{nope"}, "payload", "Not valid JSON"),
         ({"payload": "[1, 2]"}, "payload", "Give a JSON object"),
+        ({"payload": '{"a": "x\\u0000"}'}, "payload", "Remove the NUL character"),
+        ({"name": "a\x00b"}, "name", "Remove the NUL character"),
+        ({"audience": "list", "external_ids": "a\x00"}, "external_ids", "Remove the NUL"),
     ],
 )
 def test_invalid_input_re_renders_the_composer_with_422(

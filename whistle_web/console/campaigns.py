@@ -151,6 +151,13 @@ def _external_ids(text: str) -> list[str]:
 def _values(form: CampaignForm) -> dict[str, Any] | None:
     """The form as update_campaign's ``changes``; None when a field is wrong (errors set)."""
     ok = True
+    # PostgreSQL text and jsonb cannot hold NUL characters.
+    for field in (form.name, form.external_ids, form.cron, form.payload, form.topic):
+        if "\x00" in (field.data or ""):
+            form.add_error(field.name, "Remove the NUL character.")
+            ok = False
+    if not ok:
+        return None
     values: dict[str, Any] = {
         "name": (form.name.data or "").strip(),
         "template_key": form.template.data or "",
@@ -222,7 +229,10 @@ def _values(form: CampaignForm) -> dict[str, Any] | None:
         form.add_error("data", f"Not valid JSON: {error}")
         ok = False
     else:
-        if not isinstance(data, dict):
+        if "\\u0000" in form.payload.data:
+            form.add_error("data", "Remove the NUL character (\\u0000).")
+            ok = False
+        elif not isinstance(data, dict):
             form.add_error("data", 'Give a JSON object, e.g. {"offer": "20%"}.')
             ok = False
         values["data"] = data
