@@ -749,3 +749,17 @@ def test_ids_beyond_the_database_range_are_404(login_as):
         assert client.get(f"/campaigns/{huge}{path}").status_code == 404, path
     response = client.post(f"/campaigns/{huge}/pause", data={"csrf_token": client.csrf})
     assert response.status_code == 404
+
+
+@pytest.mark.parametrize("value", ["\x00", "../../etc/passwd", "x" * 5000, "0 0 * * * * * *", "🙂"])
+def test_odd_input_never_breaks_the_helpers(login_as, template, value):
+    client = login_as(Role.EDITOR)
+    for path, params in (
+        ("/campaigns/cron-preview", {"cron": value, "timezone": value}),
+        ("/campaigns/cron-preview", {"cron": "0 9 * * *", "timezone": value}),
+        ("/campaigns/channels", {"template": value}),
+        ("/campaigns", {"state": value}),
+    ):
+        assert client.get(path, query_string=params).status_code == 200, (path, value)
+    response = client.post("/campaigns/new", data=form(client, when="cron", cron=value))
+    assert response.status_code == 422
