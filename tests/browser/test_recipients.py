@@ -87,7 +87,11 @@ def test_search_a_recipient_and_edit_a_preference(
             ("marketing", "email", False)
         ]
         actions = set(db.session.scalars(select(AuditLog.action)))
-        assert {"recipient.preferences_updated", "recipient.updated", "topic.subscribed"} <= actions
+        assert {
+            "recipient.preferences_updated",
+            "recipient.updated",
+            "recipient.subscribed",
+        } <= actions
 
 
 def test_import_shows_progress_until_done(

@@ -262,12 +262,18 @@ def test_subscribe_and_unsubscribe(login_as, people, categories):
     page = response.get_data(as_text=True)
     assert response.status_code == 200 and page.lstrip().startswith('<div id="recipient-topics"')
     assert "Unsubscribe" in page
+    _post(client, f"/recipients/{ada.id}/topics/launches/subscribe", headers=HX)  # no change
     response = _post(client, f"/recipients/{ada.id}/topics/launches/unsubscribe")
     assert response.status_code == 303
     assert _post(client, f"/recipients/{ada.id}/topics/nope/subscribe").status_code == 404
     with organization_scope(ada.organization_id):
-        actions = list(db.session.scalars(select(AuditLog.action).order_by(AuditLog.id)))
-    assert actions[-2:] == ["topic.subscribed", "topic.unsubscribed"]
+        entries = db.session.scalars(
+            select(AuditLog).where(AuditLog.target_type == "recipient").order_by(AuditLog.id)
+        ).all()
+    assert [(e.action, e.target_id, e.changes) for e in entries] == [
+        ("recipient.subscribed", str(ada.id), {"topic": "launches"}),
+        ("recipient.unsubscribed", str(ada.id), {"topic": "launches"}),
+    ]
 
 
 # --- import -----------------------------------------------------------------------------

@@ -568,3 +568,43 @@ def campaign_names(rules: dict[str, Any]) -> dict[int, str]:
     if not ids or validate_rules(rules):
         return {}
     return dict(db.session.execute(select(Campaign.id, Campaign.name).where(Campaign.id.in_(ids))))
+
+
+def set_subscription(key: str, recipient_id: int, subscribed: bool, *, actor: Actor) -> bool:
+    """Subscribe one recipient to a topic or unsubscribe them, audited on the recipient;
+    commits.
+
+    Returns:
+        Whether anything changed.
+
+    Raises:
+        NotFound: no such topic or recipient in the current organization.
+    """
+    topic = get_topic(key)
+    if not 0 < recipient_id <= MAX_ID or not db.session.scalar(
+        select(exists().where(Recipient.id == recipient_id))
+    ):
+        raise NotFound(f"No recipient {recipient_id}.")
+    if subscribed:
+        stmt: Any = (
+            insert(Subscription)
+            .values(
+                organization_id=require_organization_id(),
+                topic_id=topic.id,
+                recipient_id=recipient_id,
+            )
+            .on_conflict_do_nothing(index_elements=["topic_id", "recipient_id"])
+            .returning(Subscription.id)
+        )
+    else:
+        stmt = (
+            delete(Subscription)
+            .where(Subscription.topic_id == topic.id, Subscription.recipient_id == recipient_id)
+            .returning(Subscription.id)
+        )
+    changed = bool(db.session.execute(stmt).all())
+    if changed:
+        action = "recipient.subscribed" if subscribed else "recipient.unsubscribed"
+        record_audit(actor, action, "recipient", recipient_id, {"topic": key})
+    db.session.commit()
+    return changed

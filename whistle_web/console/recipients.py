@@ -181,9 +181,8 @@ def recipient_preferences(recipient_id: int):  # type: ignore[no-untyped-def]
 
 def _topic_change(recipient_id: int, key: str, subscribe: bool):  # type: ignore[no-untyped-def]
     recipient = _recipient(recipient_id)
-    change = audiences.subscribe if subscribe else audiences.unsubscribe
     try:
-        change(key, [recipient.external_id], actor=actor())
+        audiences.set_subscription(key, recipient.id, subscribe, actor=actor())
     except NotFound:
         abort(404)
     if not request.headers.get("HX-Request"):
