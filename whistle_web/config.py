@@ -31,6 +31,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"  # noqa: S105
 MIN_SECRET_KEY_LENGTH = 32
 ENVIRONMENTS = ("development", "test", "production")
+MAIL_SCHEMES = ("smtp://", "smtp+starttls://", "smtp+ssl://", "smtps://")
 
 
 class ConfigError(RuntimeError):
@@ -77,6 +78,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             if not env.get(name):
                 raise ConfigError(f"{name} must be set in production")
     secret_key = secret_key or DEV_SECRET_KEY
+
+    mail_url = env.get("WHISTLE_MAIL_URL", "").strip()
+    if mail_url and not mail_url.startswith(MAIL_SCHEMES):
+        raise ConfigError(
+            "WHISTLE_MAIL_URL must look like smtp[+starttls|+ssl]://user:password@host:port"
+        )
 
     database_url = env.get("DATABASE_URL", "")
     data_dir = Path(env.get("WHISTLE_DATA_DIR") or PROJECT_ROOT / ".data")
@@ -132,7 +139,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "PERMANENT_SESSION_LIFETIME": int(env.get("WHISTLE_SESSION_HOURS", "12")) * 3600,
         "WHISTLE_SESSION_IDLE_MINUTES": int(env.get("WHISTLE_SESSION_IDLE_MINUTES", "60")),
         "WHISTLE_LOGIN_RATE_LIMIT": env.get("WHISTLE_LOGIN_RATE_LIMIT", "10 per 15 minutes"),
-        "WHISTLE_MAIL_URL": env.get("WHISTLE_MAIL_URL", ""),
+        "WHISTLE_MAIL_URL": mail_url,
         "WHISTLE_MAIL_FROM": env.get("WHISTLE_MAIL_FROM", "Whistle <no-reply@localhost>"),
         "WHISTLE_PROXY_FIX": int(env.get("WHISTLE_PROXY_FIX") or ("1" if production else "0")),
         "WTF_CSRF_TIME_LIMIT": None,

@@ -17,7 +17,7 @@ from tests.smtp_sink import SmtpSink
 from whistle_web import create_app
 from whistle_web.accounts.models import Role
 from whistle_web.accounts.services import add_member, password_reset_token
-from whistle_web.config import load_config
+from whistle_web.config import ConfigError, load_config
 from whistle_web.extensions import db
 from whistle_web.system_mail import MailConfigError, MailServer, parse_mail_url
 from whistle_web.tenancy import organization_scope
@@ -252,6 +252,9 @@ def test_mail_urls():
     assert parse_mail_url("smtp://127.0.0.1:2525").security == "plain"
     with pytest.raises(MailConfigError):
         parse_mail_url("http://mail.example.com")
+    assert load_config({"WHISTLE_MAIL_URL": " smtps://h "})["WHISTLE_MAIL_URL"] == "smtps://h"
+    with pytest.raises(ConfigError, match="WHISTLE_MAIL_URL"):
+        load_config({"WHISTLE_MAIL_URL": "mail.example.com:25"})
 
 
 # --- account page -----------------------------------------------------------------------
