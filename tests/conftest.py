@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from flask import Flask
+from flask import Flask, g, request_started
 from flask.testing import FlaskClient
 from psycopg import sql
 from sqlalchemy import text
@@ -54,6 +54,22 @@ def admin_conninfo(database_url: str, database: str = "postgres") -> str:
     return url.render_as_string(hide_password=False)
 
 
+# What the console caches on ``g`` for one request (user, CSRF token, membership).
+PER_REQUEST_G = (
+    "_login_user",
+    "csrf_token",
+    "csrf_valid",
+    "membership",
+    "organization",
+    "account_organizations",
+)
+
+
+def _forget_cached_user(sender: Flask, **extra: object) -> None:
+    for name in PER_REQUEST_G:
+        g.pop(name, None)
+
+
 def recreate_database(database_url: str) -> None:
     name = make_url(database_url).database
     with psycopg.connect(admin_conninfo(database_url), autocommit=True) as conn:
@@ -91,6 +107,11 @@ def app(service_urls: tuple[str, str]) -> Iterator[Flask]:
 
         upgrade()
         _db.engine.dispose()
+    # Tests push one app context for their whole body, so every request of a test shares
+    # ``g``, where Flask-Login caches the signed-in user and Flask-WTF the CSRF token: forget
+    # them at each request, as a fresh production request does, so two clients in one test
+    # stay two users with two sessions.
+    request_started.connect(_forget_cached_user, app)
     yield app
     with app.app_context():
         _db.engine.dispose()

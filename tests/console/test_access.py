@@ -83,3 +83,11 @@ def test_navigation_lists_registered_sections_and_marks_the_current_one(login_as
     client = login_as(Role.VIEWER)
     page = client.get("/").get_data(as_text=True)
     assert '<a href="/" aria-current="page">Dashboard</a>' in page
+
+
+def test_two_signed_in_clients_in_one_test_stay_two_users(login_as, org):
+    viewer = login_as(Role.VIEWER)
+    owner = login_as(Role.OWNER)
+    assert viewer.user.email in viewer.get("/").get_data(as_text=True)
+    assert owner.user.email in owner.get("/").get_data(as_text=True)
+    assert viewer.user.email in viewer.get("/").get_data(as_text=True)
