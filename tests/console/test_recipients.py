@@ -76,6 +76,9 @@ def test_anonymous_is_sent_to_sign_in(client):
         ("ada@", {"u-ada"}),
         ("LOVELACE", {"u-ada"}),
         ("+1415", {"u-ada"}),
+        ("+14155550100", {"u-ada"}),
+        ("ADA@example.com", {"u-ada"}),
+        ("da@example.com", set()),  # a whole address matches exactly
         ("u-bob", {"u-bob"}),
         ("plan=pro", {"u-ada"}),
         ("plan=free", {"u-bob"}),

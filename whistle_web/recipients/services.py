@@ -96,6 +96,7 @@ def require_valid(errors: list[FieldError]) -> None:
 # --- console look-ups and edits -----------------------------------------------------------
 
 PAGE_SIZE = 50
+FULL_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_ID = 2**63 - 1  # ids are bigint: a larger one names nothing (and must not reach SQL)
 
 
@@ -117,7 +118,9 @@ def _attribute_match(key: str, value: str) -> Any:
 
 def search_filter(query: str) -> list[Any]:
     """SQL conditions for a console search: ``key=value`` terms match attributes, the rest
-    of the text matches email, phone, external id or name (case-insensitive, anywhere)."""
+    of the text matches email, phone, external id or name (case-insensitive, anywhere),
+    except that a complete email address or E.164 number matches exactly (email or phone,
+    or the external id)."""
     query = query.replace("\x00", "").strip()
     try:
         terms = shlex.split(query)
@@ -131,8 +134,14 @@ def search_filter(query: str) -> list[Any]:
             conditions.append(_attribute_match(key, value))
         else:
             words.append(term)
-    if words:
-        pattern = _like(" ".join(words))
+    text = " ".join(words)
+    if FULL_EMAIL.match(text) or E164.match(text):
+        # A whole address or number (support staff paste them): an index look-up, where a
+        # substring scan reads every recipient of the organization.
+        column = Recipient.email if "@" in text else Recipient.phone
+        conditions.append(or_(column == text.lower(), Recipient.external_id == text))
+    elif words:
+        pattern = _like(text)
         conditions.append(
             or_(
                 *(
