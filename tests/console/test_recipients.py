@@ -359,6 +359,32 @@ def test_import_creates_and_updates_in_one_go(login_as, org, people, redis):
         assert entry.changes == {"rows": 2, "created": 1, "updated": 1}
 
 
+def test_a_failure_midway_imports_nothing(login_as, org, redis, monkeypatch):
+    from rq import SimpleWorker
+
+    from whistle_web.recipients import csv_io
+    from workers.queues import QUEUES
+
+    real, calls = csv_io.upsert_recipients, []
+
+    def flaky(profiles):  # type: ignore[no-untyped-def]
+        calls.append(len(profiles))
+        if len(calls) == 2:
+            raise RuntimeError("database went away")
+        return real(profiles)
+
+    monkeypatch.setattr(csv_io, "upsert_recipients", flaky)
+    client = login_as(Role.EDITOR)
+    rows = "".join(f"m-{i},m{i}@example.com\n" for i in range(csv_io.CHUNK + 10))
+    import_id = _import_id(_upload(client, "external_id,email\n" + rows))
+    SimpleWorker(list(QUEUES), connection=redis).work(burst=True)
+    assert calls == [csv_io.CHUNK, 10]
+    page = client.get(f"/recipients/import/{import_id}").get_data(as_text=True)
+    assert "The import failed and nothing was imported" in page
+    with organization_scope(org.id):
+        assert db.session.scalars(select(Recipient)).all() == []
+
+
 def test_import_status_of_another_organization_is_404(login_as, other_org, redis):
     foreign_client = login_as(Role.EDITOR, organization=other_org)
     import_id = _import_id(_upload(foreign_client, "external_id\nx-1\n"))
