@@ -34,10 +34,11 @@ def test_compose_check_launch_and_watch_it_complete(
     page.get_by_role("link", name="New campaign").first.click()
 
     # Choosing the template swaps in its channels (htmx).
+    page.wait_for_function("() => typeof htmx === 'object'")
     page.fill("input[name=name]", "Welcome readers")
     page.select_option("select[name=template]", "welcome")
     in_app = page.locator("#channels-field input[value=in_app]")
-    expect(in_app).to_be_visible()
+    expect(in_app).to_be_visible(timeout=15_000)  # the machine is shared: allow slow swaps
     for channel in ("email", "sms", "push"):
         page.locator(f"#channels-field input[value={channel}]").uncheck()
     in_app.check()
@@ -72,6 +73,15 @@ def test_compose_check_launch_and_watch_it_complete(
     page.wait_for_url(re.compile(r"/campaigns/\d+$"))
     expect(page.locator("#campaign-status")).to_have_text("sending")
     live = page.locator("#campaign-live")
+    expect(live).to_have_attribute("hx-trigger", "every 2s")
+
+    # Pause and resume swap the live panel in place (htmx posts with the CSRF header).
+    page.get_by_role("button", name="Pause").click()
+    expect(page.locator("#campaign-status")).to_have_text("paused")
+    expect(live).to_contain_text("Campaign paused.")
+    assert live.get_attribute("hx-trigger") is None
+    page.get_by_role("button", name="Resume").click()
+    expect(page.locator("#campaign-status")).to_have_text("sending")
     expect(live).to_have_attribute("hx-trigger", "every 2s")
 
     # A worker sends it; the page notices by itself.
