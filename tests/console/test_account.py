@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from tests.console.clients import forget_request_caches, isolated
 from tests.console.conftest import csrf_token, sign_in
 from tests.factories import PASSWORD, SYSTEM
 from tests.pipeline.conftest import run_jobs
@@ -31,16 +30,6 @@ def _fresh(redis, monkeypatch):  # type: ignore[no-untyped-def]
     """Fresh sign-in budgets (they live in Redis) and the mail log visible: running the
     migrations (Alembic's logging setup) disabled the loggers that existed then."""
     monkeypatch.setattr(logging.getLogger("whistle_web.system_mail"), "disabled", False)
-    forget_request_caches()
-
-
-@pytest.fixture
-def login_as(login_as):  # type: ignore[no-untyped-def]
-    def login(*args, **kwargs):  # type: ignore[no-untyped-def]
-        forget_request_caches()
-        return isolated(login_as(*args, **kwargs))
-
-    return login
 
 
 @pytest.fixture
@@ -49,8 +38,7 @@ def user(org, make_user):  # type: ignore[no-untyped-def]
 
 
 def _client(app):  # type: ignore[no-untyped-def]
-    forget_request_caches()
-    return isolated(app.test_client())
+    return app.test_client()
 
 
 # --- sign-in rate limit -----------------------------------------------------------------

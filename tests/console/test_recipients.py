@@ -8,7 +8,6 @@ import io
 import pytest
 from sqlalchemy import select
 
-from tests.console.clients import forget_request_caches, isolated
 from tests.factories import SYSTEM
 from tests.pipeline.conftest import run_jobs
 from whistle_web.accounts.models import Role
@@ -18,17 +17,6 @@ from whistle_web.models import AuditLog, Category, Preference, Recipient
 from whistle_web.tenancy import organization_scope
 
 HX = {"HX-Request": "true"}
-
-
-@pytest.fixture
-def login_as(login_as):  # type: ignore[no-untyped-def]
-    """The console's ``login_as``, safe for several clients in one test."""
-
-    def login(*args, **kwargs):  # type: ignore[no-untyped-def]
-        forget_request_caches()
-        return isolated(login_as(*args, **kwargs))
-
-    return login
 
 
 @pytest.fixture
