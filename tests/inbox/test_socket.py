@@ -264,3 +264,13 @@ def test_resume_includes_items_whose_state_changed_while_away(live_server, inbox
         assert ws.expect("unread_count")["count"] == 0
     assert resumed["id"] == item.id and resumed["read_at"] and resumed["seen_at"]
     assert resumed["seq"] == again["seq"] > ready["seq"]
+
+
+def test_frames_are_not_compressed_even_when_the_client_offers_it(live_server, inbox):
+    """permessage-deflate would keep a zlib compressor per socket (most of its memory)."""
+    with socket(live_server) as ws:
+        offered = ws.ws.request.headers.get("Sec-WebSocket-Extensions") or ""
+        assert "permessage-deflate" in offered  # the websockets client offers it by default
+        assert ws.ws.response.headers.get("Sec-WebSocket-Extensions") is None
+        ready = ws.auth(token_for(inbox["org"].id, "u-1"))
+        assert ready["type"] == "ready"

@@ -425,6 +425,19 @@ def _error(ref: Any, code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "ref": ref, "code": code, "message": message}
 
 
+@bp.before_request
+def _no_compression() -> None:
+    """Serve /ws without permessage-deflate.
+
+    simple-websocket accepts the extension whenever the client offers it (browsers always
+    do), and then every socket keeps a zlib compressor and decompressor: most of a socket's
+    memory (measured with bench/realtime.py: about 150 KiB a socket with it, see the README),
+    to shrink frames of a few hundred bytes. Hiding the offer from the handshake keeps
+    frames uncompressed.
+    """
+    request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+
 @sock.route("/ws", bp=bp)
 def inbox_socket(ws: Any) -> None:
     from whistle_web import get_redis
