@@ -4,9 +4,12 @@ import os
 
 bind = f"{os.environ.get('WHISTLE_BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '5000')}"  # noqa: S104
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# The web process serves HTTP and /ws WebSockets together. gthread holds one thread per open
-# socket (at most `threads` sockets per worker); gevent holds thousands per worker.
-worker_class = os.environ.get("WHISTLE_WEB_WORKER_CLASS", "gthread")
+# The web process serves HTTP and /ws WebSockets together (a PaaS routes one process), so it
+# runs gevent: a socket is a greenlet, and one worker holds thousands of them (measured in
+# bench/realtime.py; the README has the numbers). gthread would tie up one of its `threads`
+# per open socket, so a few widgets would starve the API; it stays selectable for comparison.
+# psycopg 3 and redis-py cooperate with gevent's monkey-patching.
+worker_class = os.environ.get("WHISTLE_WEB_WORKER_CLASS", "gevent")
 threads = int(os.environ.get("WHISTLE_WEB_THREADS", "16"))
 # gevent: simultaneous connections (sockets included) per worker.
 worker_connections = int(os.environ.get("WHISTLE_WEB_CONNECTIONS", "20000"))
