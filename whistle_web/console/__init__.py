@@ -22,6 +22,7 @@ PAGE_MODULES = (
     "settings_audience",
     "settings_org",
     "operations",
+    "story",
 )
 
 

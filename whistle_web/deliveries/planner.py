@@ -356,6 +356,12 @@ class Planner:
 
     def _allowed(self, prefs: dict[PrefKey, bool], channel: Channel) -> bool:
         """The most specific preference wins; with none, the channel is on."""
+        key = self._deciding_preference(prefs, channel)
+        return True if key is None else prefs[key]
+
+    def _deciding_preference(self, prefs: dict[PrefKey, bool], channel: Channel) -> PrefKey | None:
+        """The most specific preference that applies (category and channel, category,
+        channel, all), or None when there is none; "why not" names it."""
         category_id = self.category.id if self.category else None
         keys: list[PrefKey] = []
         if category_id is not None:
@@ -363,8 +369,8 @@ class Planner:
         keys += [(None, channel.value), (None, None)]
         for key in keys:
             if key in prefs:
-                return prefs[key]
-        return True
+                return key
+        return None
 
     def _not_before(self, recipient: Any) -> datetime | None:
         """When a delivery may go: local send time, then quiet hours (never for critical)."""
