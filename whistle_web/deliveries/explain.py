@@ -11,10 +11,10 @@ against a send request as launching now would write it (never saved).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from whistle_web.audiences.models import Segment, Topic
 from whistle_web.campaigns.models import AudienceType, Campaign
@@ -210,6 +210,23 @@ def _evaluate(planner: Planner, recipient_id: int) -> list[Verdict]:
     suppressed = planner._suppressed_addresses(rows)
     with_device = planner._recipients_with_devices(ids)
     sent_today = planner._sent_today(ids)
+    if sent_today and planner.request.campaign_id is not None:
+        # The campaign's own earlier deliveries do not count against it: "now" means
+        # "were this campaign planned now".
+        own = db.session.execute(
+            select(Delivery.channel, func.count())
+            .where(
+                Delivery.recipient_id == recipient_id,
+                Delivery.campaign_id == planner.request.campaign_id,
+                Delivery.created_at > planner.now - timedelta(days=1),
+                Delivery.status.not_in([DeliveryStatus.SUPPRESSED, DeliveryStatus.CANCELLED]),
+            )
+            .group_by(Delivery.channel)
+        ).all()
+        for channel, n in own:
+            key = (recipient_id, channel.value)
+            if key in sent_today:
+                sent_today[key] -= n
     row = rows[0]
     verdicts = []
     for channel in planner.channels:
