@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.factories import SYSTEM
 from tests.pipeline.conftest import CONTENT, run_jobs
@@ -17,7 +17,7 @@ from whistle_web.campaigns.services import create_campaign, launch_campaign
 from whistle_web.channels.kinds import Channel, ProviderKind
 from whistle_web.deliveries import story
 from whistle_web.deliveries.explain import explain
-from whistle_web.deliveries.models import Delivery
+from whistle_web.deliveries.models import Delivery, DeliveryEvent
 from whistle_web.extensions import db
 from whistle_web.models import (
     Category,
@@ -375,3 +375,81 @@ def test_signed_out_goes_to_login(app, org, make_recipient):  # type: ignore[no-
     client = app.test_client()
     for url in (f"/recipients/{r.id}/history", f"/recipients/{r.id}/why-not", "/recipients/story"):
         assert client.get(url).status_code == 302
+
+
+@pytest.mark.parametrize("role", [Role.VIEWER, Role.EDITOR, Role.ADMIN, Role.OWNER])
+def test_every_member_reads_the_story(login_as, org, sent_email, role):  # type: ignore[no-untyped-def]
+    r, campaign = sent_email
+    email = _delivery(org, r, Channel.EMAIL)
+    client = login_as(role)
+    for url in (
+        f"/recipients/{r.id}/history",
+        f"/recipients/{r.id}/why-not",
+        f"/recipients/{r.id}/why-not?campaign={campaign.id}",
+        "/recipients/story?q=nobody",
+    ):
+        assert client.get(url).status_code == 200, url
+    frame = client.get(f"/recipients/{r.id}/deliveries/{email.id}/message")
+    assert frame.status_code == (403 if role == Role.VIEWER else 200)
+    sms = _delivery(org, r, Channel.SMS)  # suppressed: nothing was rendered
+    no_html = client.get(f"/recipients/{r.id}/deliveries/{sms.id}/message")
+    assert no_html.status_code == (403 if role == Role.VIEWER else 404)
+
+
+def test_steps_merge_stamps_and_events_in_time_order(login_as, org, sent_email):  # type: ignore[no-untyped-def]
+    r, _ = sent_email
+    email = _delivery(org, r, Channel.EMAIL)
+    later = email.sent_at + timedelta(minutes=5)
+    with organization_scope(org.id):
+        db.session.add_all(
+            [
+                DeliveryEvent(delivery_id=email.id, type="sent", occurred_at=email.sent_at),
+                DeliveryEvent(
+                    delivery_id=email.id,
+                    type="clicked",
+                    occurred_at=later + timedelta(minutes=1),
+                    data={"url": "https://example.com/x"},
+                ),
+                DeliveryEvent(delivery_id=email.id, type="opened", occurred_at=later),
+            ]
+        )
+        db.session.flush()
+        entries, _ = story.recipient_story(r.id)
+    path = next(p for p in entries[0].deliveries if p.delivery.channel == Channel.EMAIL)
+    assert [s.name for s in path.steps] == ["planned", "sent", "opened", "clicked"]
+    assert path.steps[-1].detail == "https://example.com/x"
+    html = login_as(Role.VIEWER).get(f"/recipients/{r.id}/history").get_data(as_text=True)
+    assert html.index(">opened<") < html.index(">clicked<")
+
+
+def test_failed_delivery_shows_attempts_and_error(login_as, org, sent_email):  # type: ignore[no-untyped-def]
+    r, _ = sent_email
+    sms = _delivery(org, r, Channel.SMS)
+    with organization_scope(org.id):
+        db.session.execute(
+            update(Delivery)
+            .where(Delivery.id == sms.id)
+            .values(attempts=3, error="provider said no")
+        )
+        db.session.flush()
+    html = login_as(Role.VIEWER).get(f"/recipients/{r.id}/history").get_data(as_text=True)
+    assert "provider said no" in html and "<dt>Attempts</dt><dd>3</dd>" in html
+
+
+def test_quiet_hours_delay_not_drop(org, make_template, make_recipient, jobs, in_app):  # type: ignore[no-untyped-def]
+    _template(org, make_template)
+    r = make_recipient(
+        org,
+        "q",
+        name="Q",
+        timezone="UTC",
+        quiet_hours_start=time(0, 0),
+        quiet_hours_end=time(23, 59),
+    )
+    campaign = _launch(org, jobs, ["in_app"])
+    result = _why(org, r, campaign)
+    now = _by_channel(result.now)["in_app"]
+    if datetime.now(UTC).time() < time(23, 58):  # inside the 00:00-23:59 UTC window
+        assert now.outcome == "delay"
+        assert "held until" in now.sentence and "quiet hours" in now.sentence
+        assert _by_channel(result.ledger)["in_app"].sentence.startswith("queued, held until")
