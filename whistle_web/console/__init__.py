@@ -23,6 +23,7 @@ PAGE_MODULES = (
     "settings_org",
     "operations",
     "story",
+    "funnels",
 )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Select, Text, and_, cast, delete, func, literal, select
 from sqlalchemy.dialects.postgresql import insert
 
@@ -135,3 +137,132 @@ def funnel_totals(scope: StatScope, scope_ids: list[int]) -> dict[int, dict[str,
     for scope_id, metric, value in rows:
         result[scope_id][metric] = int(value)
     return result
+
+
+# Steps drawn in the time series of a funnel page and the dashboard.
+SERIES_METRICS = ("sent", "delivered", "seen", "read", "clicked", "failed", "bounced")
+
+
+def funnel_breakdown(scope: StatScope, scope_id: int) -> dict[str, dict[str, int]]:
+    """Every counter of one scope, per channel: the funnel steps and the per-reason metrics
+    (``suppressed:<reason>``, ``failed:<reason>``, ``bounced:<reason>``, ``event:<type>``).
+
+    One ``GROUP BY`` over the counter rows of the scope (the unique key's prefix), never the
+    ledger. ``"all"`` sums the channels.
+    """
+    rows = db.session.execute(
+        select(DeliveryStat.channel, DeliveryStat.metric, func.sum(DeliveryStat.value))
+        .where(DeliveryStat.scope == scope, DeliveryStat.scope_id == scope_id)
+        .group_by(DeliveryStat.channel, DeliveryStat.metric)
+    ).all()
+    result: dict[str, dict[str, int]] = {"all": dict.fromkeys(FUNNEL_STEPS, 0)}
+    for channel, metric, value in rows:
+        for key in ("all", str(channel)):
+            metrics = result.setdefault(key, dict.fromkeys(FUNNEL_STEPS, 0))
+            metrics[metric] = metrics.get(metric, 0) + int(value)
+    return result
+
+
+def funnel_span(scope: StatScope, scope_id: int) -> tuple[Any, Any] | None:
+    """The first and last hourly bucket holding a counter of the scope; None when empty."""
+    first, last = db.session.execute(
+        select(func.min(DeliveryStat.bucket), func.max(DeliveryStat.bucket)).where(
+            DeliveryStat.scope == scope, DeliveryStat.scope_id == scope_id
+        )
+    ).one()
+    return None if first is None else (first, last)
+
+
+def funnel_series(
+    scope: StatScope,
+    scope_ids: list[int],
+    *,
+    since: Any,
+    until: Any,
+    unit: str = "hour",
+    channel: str | None = None,
+    metrics: tuple[str, ...] = SERIES_METRICS,
+) -> list[tuple[Any, int, str, str, int]]:
+    """(period start, scope id, channel, metric, value) rows, ``unit`` "hour" or "day"
+    (UTC), for buckets in ``[since, until)``, from the counters."""
+    if unit not in ("hour", "day"):
+        raise ValueError(f"unknown unit {unit!r}")
+    period = func.date_trunc(unit, DeliveryStat.bucket)
+    query = (
+        select(
+            period,
+            DeliveryStat.scope_id,
+            DeliveryStat.channel,
+            DeliveryStat.metric,
+            func.sum(DeliveryStat.value),
+        )
+        .where(
+            DeliveryStat.scope == scope,
+            DeliveryStat.scope_id.in_(scope_ids),
+            DeliveryStat.metric.in_(list(metrics)),
+            DeliveryStat.bucket >= since,
+            DeliveryStat.bucket < until,
+        )
+        .group_by(period, DeliveryStat.scope_id, DeliveryStat.channel, DeliveryStat.metric)
+        .order_by(period)
+    )
+    if channel is not None:
+        query = query.where(DeliveryStat.channel == channel)
+    return [
+        (moment, int(sid), str(ch), metric, int(value))
+        for moment, sid, ch, metric, value in db.session.execute(query).all()
+    ]
+
+
+def scope_totals_since(
+    scope: StatScope, since: Any, metrics: tuple[str, ...]
+) -> dict[int, dict[str, int]]:
+    """Per scope id, the sum of ``metrics`` over counters from ``since`` on (every scope
+    of the kind with activity in the window)."""
+    rows = db.session.execute(
+        select(DeliveryStat.scope_id, DeliveryStat.metric, func.sum(DeliveryStat.value))
+        .where(
+            DeliveryStat.scope == scope,
+            DeliveryStat.bucket >= since,
+            DeliveryStat.metric.in_(list(metrics)),
+        )
+        .group_by(DeliveryStat.scope_id, DeliveryStat.metric)
+    ).all()
+    result: dict[int, dict[str, int]] = {}
+    for scope_id, metric, value in rows:
+        result.setdefault(int(scope_id), dict.fromkeys(metrics, 0))[metric] = int(value)
+    return result
+
+
+def top_clicked_links(
+    scope: StatScope, scope_id: int, *, since: Any, until: Any, limit: int = 10
+) -> list[tuple[str, int, int]]:
+    """(url, clicks, distinct deliveries) of "clicked" events in ``[since, until]`` for a
+    campaign's or template's deliveries, most clicked first.
+
+    Walks the organization's events in the window (ix_delivery_events_org_occurred) and
+    joins each clicked one to its delivery by primary key; the only funnel query that reads
+    beyond the counters.
+    """
+    from whistle_web.deliveries.models import DeliveryEvent
+
+    column = {StatScope.CAMPAIGN: Delivery.campaign_id, StatScope.TEMPLATE: Delivery.template_id}[
+        scope
+    ]
+    url = DeliveryEvent.data["url"].astext
+    rows = db.session.execute(
+        select(url, func.count(), func.count(func.distinct(DeliveryEvent.delivery_id)))
+        .join(Delivery, Delivery.id == DeliveryEvent.delivery_id)
+        .where(
+            DeliveryEvent.organization_id == require_organization_id(),
+            DeliveryEvent.occurred_at >= since,
+            DeliveryEvent.occurred_at <= until,
+            DeliveryEvent.type == "clicked",
+            url.is_not(None),
+            column == scope_id,
+        )
+        .group_by(url)
+        .order_by(func.count().desc(), url)
+        .limit(limit)
+    ).all()
+    return [(str(u), int(c), int(d)) for u, c, d in rows]
