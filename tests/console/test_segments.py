@@ -256,6 +256,26 @@ def test_invalid_input_re_renders_with_messages_and_saves_nothing(login_as, org,
         assert db.session.scalar(select(Segment)) is None
 
 
+def test_engagement_with_another_organizations_campaign_is_refused(
+    login_as, org, other_org, make_template, people
+):
+    template = make_template(other_org)
+    with organization_scope(other_org.id):
+        theirs = Campaign(
+            name="Theirs", template_id=template.id, channels=["email"], audience_type="all"
+        )
+        db.session.add(theirs)
+        db.session.flush()
+    client = login_as(Role.EDITOR)
+    opened = {"kind": "engagement", "operator": "did", "event": "opened"}
+    form = builder_form(client, dict(opened, campaign=str(theirs.id)), name="Openers")
+    response = client.post("/segments/new", data=form)
+    assert response.status_code == 422
+    assert re.search(rf'id="err-r-0">No campaign {theirs.id}\.<', response.get_data(as_text=True))
+    form = builder_form(client, dict(opened, days="30"), name="Openers")
+    assert client.post("/segments/new", data=form).status_code == 303
+
+
 def test_duplicate_names_are_refused(login_as, org, people):
     make_segment(org, "Pro")
     client = login_as(Role.EDITOR)

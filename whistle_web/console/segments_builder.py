@@ -388,7 +388,8 @@ def attach_errors(root: Node, errors: list[FieldError]) -> list[str]:
         message = error.message
         if match and match.group(2) == "field" and node.kind == "attribute":
             message = "Name the attribute: letters, digits, _ and -, starting with a letter or _."
-        node.error = f"{node.error} {message}".strip()
+        if message not in node.error:  # a save and its re-rendered preview both report it
+            node.error = f"{node.error} {message}".strip()
     return unplaced
 
 
