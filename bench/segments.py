@@ -17,6 +17,10 @@ runs after one warm-up run each):
   by the GIN ``jsonb_path_ops`` index), still without the ``created_at`` index;
 - **after**: today's compiler with migration 0006's ``(organization_id, created_at)`` index.
 
+Then (unless ``--no-engagement``) every fifth recipient gets a delivery of one campaign
+(sent over the last 60 days, a third opened, a tenth clicked) and two engagement segments
+are counted the same way, with their plans printed.
+
 The goal is under 300 ms. The bench uses its own database (``whistle_bench_segments``,
 recreated at start and dropped at the end unless ``--keep``) and touches no Redis data.
 
@@ -178,6 +182,85 @@ def explain(stmt: Any) -> list[str]:
     return [row.strip() for row in rows if any(k in row for k in keep)]
 
 
+ENGAGEMENT_RULES = {
+    "opened a campaign": {
+        "op": "and",
+        "rules": [
+            {"field": "attributes.plan", "operator": "eq", "value": "pro"},
+            {"engagement": "opened", "operator": "did", "campaign_id": 1, "days": 30},
+        ],
+    },
+    "clicked any message": {
+        "op": "and",
+        "rules": [
+            {"engagement": "clicked", "operator": "did", "campaign_id": None, "days": 7},
+            {"field": "attributes.country", "operator": "eq", "value": "DE"},
+        ],
+    },
+}
+
+
+def seed_deliveries(org_id: int) -> tuple[int, float]:
+    """One campaign's email to every fifth recipient: sent over the last 60 days, a third
+    opened, a tenth clicked. Returns (rows, seconds)."""
+    from sqlalchemy import text
+
+    from bench.broadcast import IN_APP_CONTENT
+    from whistle_web.extensions import db
+    from whistle_web.models import (
+        SendRequest,
+        SendRequestKind,
+        Template,
+        TemplateVersion,
+        VersionState,
+    )
+    from whistle_web.tenancy import organization_scope
+
+    started = time.perf_counter()
+    with organization_scope(org_id):
+        template = Template(key="bench", name="Bench")
+        db.session.add(template)
+        db.session.flush()
+        version = TemplateVersion(
+            template_id=template.id, version=1, state=VersionState.PUBLISHED, content=IN_APP_CONTENT
+        )
+        db.session.add(version)
+        db.session.flush()
+        request = SendRequest(
+            kind=SendRequestKind.TRIGGER,
+            template_id=template.id,
+            template_version_id=version.id,
+            audience={"type": "all"},
+        )
+        db.session.add(request)
+        db.session.flush()
+        params = {"org": org_id, "request": request.id, "template": template.id}
+        db.session.execute(
+            text(
+                "INSERT INTO notifications (id, organization_id, send_request_id, campaign_id,"
+                " template_id, recipient_id) SELECT id, :org, :request, 1, :template, id"
+                " FROM recipients WHERE id % 5 = 0"
+            ),
+            params,
+        )
+        rows = db.session.execute(
+            text(
+                "INSERT INTO deliveries (organization_id, notification_id, recipient_id,"
+                " campaign_id, template_id, channel, status, sent_at, seen_at, clicked_at)"
+                " SELECT :org, id, id, 1, :template, 'email', 'sent', s, "
+                " CASE WHEN id % 3 = 0 THEN s + interval '1 hour' END,"
+                " CASE WHEN id % 10 = 0 THEN s + interval '2 hours' END"
+                " FROM (SELECT id, now() - (id % 60) * interval '1 day' AS s"
+                " FROM recipients WHERE id % 5 = 0) AS r"
+            ),
+            params,
+        ).rowcount
+        db.session.commit()
+    execute_ddl("ANALYZE notifications")
+    execute_ddl("ANALYZE deliveries")
+    return rows, time.perf_counter() - started
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipients", type=int, default=1_000_000)
@@ -186,6 +269,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     parser.add_argument("--keep", action="store_true", help="keep the bench database")
     parser.add_argument("--quiet-wait", type=float, default=60.0)
+    parser.add_argument(
+        "--no-engagement",
+        dest="engagement",
+        action="store_false",
+        help="skip the engagement conditions (deliveries of every fifth recipient)",
+    )
     return parser.parse_args(argv)
 
 
@@ -233,6 +322,15 @@ def main(argv: list[str] | None = None) -> None:
         execute_ddl("ANALYZE recipients")
         wait_until_quiet(args.quiet_wait)
         results["after"] = timed_counts(org_id, lambda: compile_rules(RULES, now=now), args.runs)
+        engagement = {}
+        if args.engagement:
+            rows, seconds = seed_deliveries(org_id)
+            print(f"seeded {rows:,} deliveries of one campaign in {seconds:.1f} s")
+            wait_until_quiet(args.quiet_wait)
+            for name, rules in ENGAGEMENT_RULES.items():
+                engagement[name] = timed_counts(
+                    org_id, lambda rules=rules: compile_rules(rules, now=now), args.runs
+                )
 
     counts = {r["count"] for r in results.values()}
     assert len(counts) == 1, f"the variants disagree: {results}"
@@ -256,6 +354,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    {line}")
     speedup = results["before"]["median_ms"] / results["after"]["median_ms"]
     print(f"\nbefore/after: {speedup:.1f}x faster")
+    for name, result in engagement.items():
+        print(
+            f"\nengagement, {name}: {json.dumps(ENGAGEMENT_RULES[name])}\n"
+            f"  matches {result['count']:,}; median {result['median_ms']:.1f} ms "
+            f"(runs: {', '.join(f'{t:.0f}' for t in result['runs_ms'])})"
+        )
+        for line in result["plan"]:
+            print(f"    {line}")
 
 
 if __name__ == "__main__":
