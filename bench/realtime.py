@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import collections  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
@@ -79,6 +80,7 @@ async def _client_main(
 
     ready = 0
     failed = 0
+    errors: collections.Counter[str] = collections.Counter()
     arrivals: list[tuple[str, str, float]] = []  # (external id, marker, arrival time)
     sockets: list[Any] = []
     gate = asyncio.Semaphore(connect_parallel)
@@ -102,8 +104,9 @@ async def _client_main(
                     frame = json.loads(await asyncio.wait_for(ws.recv(), 30))
                     if frame.get("type") == "ready":
                         break
-            except Exception:  # counted: the bench reports how many did not connect
+            except Exception as error:  # counted: the bench reports how many did not connect
                 failed += 1
+                errors[f"{type(error).__name__}: {error}"[:120]] += 1
                 return
         ready += 1
         sockets.append(ws)
@@ -111,7 +114,7 @@ async def _client_main(
 
     started = time.time()
     await asyncio.gather(*(connect(e, t) for e, t in tokens))
-    inbox.put(("connected", ready, failed, time.time() - started))
+    inbox.put(("connected", ready, failed, time.time() - started, dict(errors)))
     loop = asyncio.get_running_loop()
     while True:
         command = await loop.run_in_executor(None, commands.get)
@@ -285,6 +288,9 @@ class Bench:
             ready = sum(c[0] for c in connected)
             failed = sum(c[1] for c in connected)
             connect_s = max(c[2] for c in connected)
+            errors: collections.Counter[str] = collections.Counter()
+            for c in connected:
+                errors.update(c[3])
             time.sleep(1.0)  # let the server settle before reading its memory
             rss = rss_bytes(web.proc.pid)
             result: dict[str, Any] = {
@@ -293,6 +299,7 @@ class Bench:
                 "ready": ready,
                 "failed": failed,
                 "connect_seconds": round(connect_s, 2),
+                "connect_errors": dict(errors.most_common(5)),
                 "rss_bytes_idle": idle_rss,
                 "rss_bytes_connected": rss,
             }
@@ -375,7 +382,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sockets", default="1000,10000", help="comma-separated N values")
     parser.add_argument("--worker-class", choices=("gevent", "gthread"), default="gevent")
     parser.add_argument("--client-processes", type=int, default=4)
-    parser.add_argument("--connect-parallel", type=int, default=200, help="per client process")
+    parser.add_argument(
+        "--connect-parallel",
+        type=int,
+        default=50,
+        help="connections opening at once per client process",
+    )
     parser.add_argument("--broadcast-timeout", type=float, default=60.0)
     parser.add_argument("--singles", type=int, default=200, help="single sends to time")
     parser.add_argument("--single-rate", type=float, default=20.0, help="single sends per second")
@@ -396,6 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def report(result: dict[str, Any]) -> None:
     n = result["sockets"]
     rss = result["rss_bytes_connected"] / 1024**2
+    if result["connect_errors"]:
+        print(f"  connect errors: {result['connect_errors']}")
     print(
         f"{n:,} sockets ({result['worker_class']}): {result['ready']:,} ready, "
         f"{result['failed']:,} failed, in {result['connect_seconds']:.1f} s; web RSS "

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
+from functools import lru_cache
 from typing import Any
 
 import jwt
@@ -381,7 +382,16 @@ def _widget_secret(organization_id: int) -> bytes:
     organization = db.session.get(Organization, organization_id)
     if organization is None or not organization.widget_secret_encrypted:
         raise InvalidState("The organization has no widget secret.")
-    return crypto.decrypt(organization.widget_secret_encrypted)
+    return _unsealed(organization.widget_secret_encrypted)
+
+
+@lru_cache(maxsize=4096)
+def _unsealed(sealed: bytes) -> bytes:
+    """Every socket and feed request verifies a token: unseal each secret once per process
+    (with KMS, once per process instead of one KMS call per connection). Keyed by the sealed
+    bytes, so a rotated secret is a new entry and the old one is never used again.
+    """
+    return crypto.decrypt(sealed)
 
 
 def issue_recipient_token(
