@@ -330,7 +330,7 @@ def _csv(kind: str, subject: Any) -> Response:
 def _links(kind: str, subject: Any) -> Any:
     scope = StatScope.CAMPAIGN if kind == "campaign" else StatScope.TEMPLATE
     span = funnel_span(scope, subject.id)
-    links: list[tuple[str, int, int]] = []
+    links: list[tuple[str, int]] = []
     if span is not None:
         since, until, _unit = _window(span)
         links = top_clicked_links(scope, subject.id, since=since, until=until)
