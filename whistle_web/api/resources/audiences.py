@@ -489,9 +489,15 @@ def delete_category(key: str) -> None:
 # --- segments ---------------------------------------------------------------------------
 
 RULES_DESCRIPTION = (
-    '`{"op": "and"|"or", "rules": [...]}`; a condition is `{"field", "operator", "value"}` '
-    "(fields: email, phone, external_id, name, locale, timezone, created_at, "
-    'attributes.<key>) or `{"topic": "<key>", "operator": "subscribed"|"not_subscribed"}`.'
+    '`{"op": "and"|"or", "rules": [...]}` (groups nest). A condition is one of: '
+    '`{"field", "operator", "value"}` with fields email, phone, external_id, name, locale, '
+    "timezone (text), created_at (date), unsubscribed (boolean) or attributes.<key>; "
+    '`{"topic": "<key>", "operator": "subscribed"|"not_subscribed"}`; '
+    '`{"engagement": "received"|"opened"|"clicked", "operator": "did"|"did_not", '
+    '"campaign_id": N|null, "days": N|null}`. Operators: text eq, neq, in, not_in, contains, '
+    "starts_with, exists, not_exists; number (attributes) eq, neq, in, not_in, lt, lte, gt, "
+    "gte, between [low, high]; boolean is_true, is_false; date before, after, between, "
+    "in_last_days, not_in_last_days, more_than_days_ago."
 )
 
 
