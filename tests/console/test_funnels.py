@@ -9,7 +9,7 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 
 from tests.factories import SYSTEM
 from whistle_web.accounts.models import Role
@@ -372,3 +372,27 @@ def test_comparing_with_a_foreign_campaign_is_not_found(
     theirs = make_campaign(other_org, "Theirs")
     client = login_as(Role.VIEWER)
     assert client.get(f"/campaigns/{mine.id}/funnel?compare={theirs.id}").status_code == 404
+
+
+def test_periods_are_utc_whatever_the_sessions_time_zone(  # type: ignore[no-untyped-def]
+    login_as, org, template, make_recipient, make_send_request
+):
+    campaign = make_campaign(org)
+    start = datetime.now(UTC).replace(hour=20, minute=0, second=0, microsecond=0)
+    seed(org, campaign, make_recipient, make_send_request, template, at=start - timedelta(days=5))
+    seed(org, campaign, make_recipient, make_send_request, template, at=start - timedelta(days=1))
+    client = login_as(Role.VIEWER)
+
+    def series():  # type: ignore[no-untyped-def]
+        rows = csv_rows(client.get(f"/campaigns/{campaign.id}/funnel.csv"))
+        return [
+            (r["period"], r["metric"], r["value"]) for r in rows if r["section"] == "series_day"
+        ]
+
+    in_utc = series()
+    assert in_utc and all(period.endswith("T00:00:00Z") for period, _m, _v in in_utc)
+    db.session.execute(text("SET timezone = 'Pacific/Kiritimati'"))
+    try:
+        assert series() == in_utc
+    finally:
+        db.session.execute(text("SET timezone = 'UTC'"))

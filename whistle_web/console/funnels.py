@@ -125,10 +125,13 @@ def _reasons(metrics: dict[str, int], prefix: str) -> list[tuple[str, int]]:
     )
 
 
+def _utc(moment: datetime) -> datetime:
+    """An aware UTC datetime (psycopg returns timestamptz in the session's time zone)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 def _window(span: tuple[datetime, datetime]) -> tuple[datetime, datetime, str]:
-    first, last = (
-        moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment for moment in span
-    )
+    first, last = (_utc(moment) for moment in span)
     first = max(first, last - MAX_SPAN)
     if last - first < HOURLY_UP_TO:
         return first, last + timedelta(hours=1), "hour"
@@ -221,7 +224,7 @@ def build_funnel(kind: str, subject: Any, channel: str | None = None) -> Funnel:
         for p in _periods(since, until, unit)
     }
     for moment, _sid, _ch, metric, value in rows:
-        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+        moment = _utc(moment)
         table.setdefault(moment, {"period": moment, **dict.fromkeys((m for m, _ in SERIES), 0)})
         table[moment][metric] += value
     result.unit, result.since, result.until = unit, since, until

@@ -187,7 +187,8 @@ def funnel_series(
     (UTC), for buckets in ``[since, until)``, from the counters."""
     if unit not in ("hour", "day"):
         raise ValueError(f"unknown unit {unit!r}")
-    period = func.date_trunc(unit, DeliveryStat.bucket)
+    # Periods in UTC whatever the session's time zone.
+    period = func.date_trunc(unit, DeliveryStat.bucket, "UTC")
     query = (
         select(
             period,
