@@ -303,21 +303,18 @@ def timed(client: Any, url: str, runs: int) -> dict[str, Any]:
 
 def explain_links(ids: dict[str, int], since: datetime, until: datetime) -> list[str]:
     """EXPLAIN ANALYZE of the top-links query as the console runs it."""
-    from sqlalchemy.dialects import postgresql
+    from sqlalchemy import event
 
-    from whistle_web.deliveries.models import Delivery, DeliveryEvent
+    from whistle_web.deliveries.services import top_clicked_links
     from whistle_web.extensions import db
     from whistle_web.models import StatScope
     from whistle_web.tenancy import organization_scope
 
     captured: list[Any] = []
-    from sqlalchemy import event
 
     def grab(conn: Any, cursor: Any, statement: str, params: Any, *rest: Any) -> None:
         if "delivery_events" in statement:
             captured.append((statement, params))
-
-    from whistle_web.deliveries.services import top_clicked_links
 
     event.listen(db.engine, "before_cursor_execute", grab)
     try:
@@ -331,7 +328,6 @@ def explain_links(ids: dict[str, int], since: datetime, until: datetime) -> list
     finally:
         event.remove(db.engine, "before_cursor_execute", grab)
         db.session.rollback()
-    del Delivery, DeliveryEvent, postgresql
     return lines
 
 
