@@ -128,6 +128,18 @@ def redis(app: Flask):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(autouse=True)
+def _fresh_sign_in_limits(app: Flask) -> None:
+    """Every test starts with the console's sign-in budgets untouched: failed sign-ins of
+    earlier tests (all from 127.0.0.1) must not lock later ones out."""
+    from whistle_web import get_redis
+
+    client = get_redis(app)
+    keys = list(client.scan_iter(match="LIMITS:LIMITER/whistle:console*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(autouse=True)
 def db(app: Flask, request: pytest.FixtureRequest) -> Iterator[object]:
     """Run the test in a transaction rolled back at the end (commits become savepoints)."""
     with app.app_context():
