@@ -281,7 +281,8 @@ def test_a_crashing_channel_job_is_reported(
     event = crash_a_channel_job(sentry_app, ingest, redis, org, make_template, make_recipient)
     assert exception_types(event)[-1] == "DecryptionError"
     assert event["exception"]["values"][-1]["mechanism"]["type"] == "rq"
-    assert event["extra"]["rq-job"]["func"] == "workers.sending.send_batch"
+    # A one-recipient trigger is sent by its planning job (planner.plan's run_inline).
+    assert event["extra"]["rq-job"]["func"] == "workers.sending.plan_send_request"
     frames = event["exception"]["values"][-1]["stacktrace"]["frames"]
     assert any(f["function"] == "_send" and f["module"].endswith("dispatch") for f in frames)
 
