@@ -54,11 +54,13 @@ IMMEDIATE = timedelta(seconds=2)
 ALIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 
 
-def job_alive(job_id: str) -> bool:
+def job_alive(job_id: str, *, started_counts: bool = True) -> bool:
+    """Whether the job is waiting or running (``started_counts=False``: only waiting)."""
     try:
-        return Job.fetch(job_id, connection=get_redis()).get_status() in ALIVE
+        status = Job.fetch(job_id, connection=get_redis()).get_status()
     except NoSuchJobError:
         return False
+    return status in ALIVE and (started_counts or status != JobStatus.STARTED)
 
 
 def start_due_send_requests(now: datetime) -> int:
@@ -89,7 +91,8 @@ def start_due_send_requests(now: datetime) -> int:
             continue
         if request.campaign_id is not None and _campaign_paused(request):
             continue
-        if not job_alive(planning_job_id(request.id)):
+        # A planner whose heartbeat went stale died even if RQ still calls its job started.
+        if not job_alive(planning_job_id(request.id), started_counts=request.heartbeat_at is None):
             enqueue_planning(request)
             started += 1
     return started
@@ -174,7 +177,10 @@ def sweep_batches(now: datetime) -> int:
     revived = 0
     for batch in batches:
         running_dead = batch.status == BatchStatus.RUNNING
-        if not running_dead and job_alive(batch_job_id(batch.id)):
+        # A job that started marks its batch running at once; a batch still pending whose
+        # job says "started" lost its worker in between (killed right after dequeuing), and
+        # RQ keeps calling that job started until its own timeout: revive the batch now.
+        if not running_dead and job_alive(batch_job_id(batch.id), started_counts=False):
             continue
         with organization_scope(batch.organization_id):
             if running_dead:
