@@ -450,17 +450,10 @@ def _send(
 def _rendered(
     compiled: CompiledContent, channel: str, recipient: Recipient, organization_name: str
 ) -> dict[str, Any] | None:
+    from whistle_web.deliveries.dispatch import recipient_context
+
     context = {
-        "recipient": {
-            "id": recipient.external_id,
-            "external_id": recipient.external_id,
-            "email": recipient.email,
-            "phone": recipient.phone,
-            "name": recipient.name,
-            "locale": recipient.locale,
-            "timezone": recipient.timezone,
-            "attributes": recipient.attributes or {},
-        },
+        "recipient": recipient_context(recipient),
         "data": {},
         "organization": {"name": organization_name},
         "unsubscribe_url": "",

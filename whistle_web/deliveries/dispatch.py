@@ -549,20 +549,25 @@ def _lock_still_sending(ids: list[int], org_id: int) -> set[int]:
     )
 
 
+def recipient_context(recipient: Any) -> dict[str, Any]:
+    """``recipient`` in a template: from a delivery row or a Recipient (same attribute names)."""
+    return {
+        "id": recipient.external_id,
+        "external_id": recipient.external_id,
+        "email": recipient.email,
+        "phone": recipient.phone,
+        "name": recipient.name,
+        "locale": recipient.locale,
+        "timezone": recipient.timezone,
+        "attributes": recipient.attributes or {},
+    }
+
+
 def _render_context(row: Any, context: ChannelContext, data: dict[str, Any]) -> dict[str, Any]:
     from whistle_web.tracking import links
 
     return {
-        "recipient": {
-            "id": row.external_id,
-            "external_id": row.external_id,
-            "email": row.email,
-            "phone": row.phone,
-            "name": row.name,
-            "locale": row.locale,
-            "timezone": row.timezone,
-            "attributes": row.attributes or {},
-        },
+        "recipient": recipient_context(row),
         "data": data,
         "organization": {"name": context.organization_name},
         # An HMAC per delivery: only when a field of this channel reads it.
@@ -672,16 +677,7 @@ def _layout_context(
     from whistle_web.tracking import links
 
     return {
-        "recipient": {
-            "id": row.external_id,
-            "external_id": row.external_id,
-            "email": row.email,
-            "phone": row.phone,
-            "name": row.name,
-            "locale": row.locale,
-            "timezone": row.timezone,
-            "attributes": row.attributes or {},
-        },
+        "recipient": recipient_context(row),
         "data": data,
         "organization": {"name": context.organization_name},
         "unsubscribe_url": unsubscribe,
