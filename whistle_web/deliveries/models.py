@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     ForeignKey,
     Identity,
     Index,
@@ -156,10 +157,18 @@ class BatchStatus(enum.StrEnum):
 
 
 class DeliveryBatch(TenantScoped, db.Model):
-    """Deliveries of one send request on one channel handled by one job."""
+    """Deliveries of one send request on one channel handled by one job.
+
+    A batch without a channel is a planning slice: its job plans the request's recipients
+    with ids in (``first_recipient_id``, ``last_recipient_id``] in one transaction, so the
+    slices of a large send are planned by all workers at once (see planner.plan).
+    """
 
     __tablename__ = "delivery_batches"
     __table_args__ = (
+        CheckConstraint(
+            "(channel IS NULL) = (last_recipient_id IS NOT NULL)", name="channel_or_slice"
+        ),
         Index("ix_delivery_batches_send_request", "send_request_id"),
         # The sweeper re-enqueues batches whose job vanished.
         Index(
@@ -171,7 +180,10 @@ class DeliveryBatch(TenantScoped, db.Model):
 
     id: Mapped[int] = mapped_column(Identity(), primary_key=True)
     send_request_id: Mapped[int] = mapped_column(ForeignKey("send_requests.id", ondelete="CASCADE"))
-    channel: Mapped[Channel] = mapped_column(str_enum(Channel, "batch_channel"))
+    channel: Mapped[Channel | None] = mapped_column(str_enum(Channel, "batch_channel"))
+    # A planning slice's recipient id range (exclusive, inclusive); NULL for channel batches.
+    first_recipient_id: Mapped[int | None] = mapped_column(BigInteger)
+    last_recipient_id: Mapped[int | None] = mapped_column(BigInteger)
     status: Mapped[BatchStatus] = mapped_column(
         str_enum(BatchStatus, "batch_status"), server_default=BatchStatus.PENDING.value
     )
