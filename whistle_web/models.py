@@ -10,6 +10,7 @@ from whistle_web.deliveries.models import (
     Delivery,
     DeliveryBatch,
     DeliveryEvent,
+    DeliveryLinkStat,
     DeliveryStat,
     StatScope,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Delivery",
     "DeliveryBatch",
     "DeliveryEvent",
+    "DeliveryLinkStat",
     "DeliveryStat",
     "Device",
     "DeviceKind",

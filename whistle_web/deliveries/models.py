@@ -22,6 +22,7 @@ from sqlalchemy.orm import Mapped, mapped_column, validates
 
 from whistle_web.channels.kinds import Channel
 from whistle_web.db import str_enum
+from whistle_web.deliveries.failures import FailureReason
 from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause, can_transition
 from whistle_web.extensions import db
 from whistle_web.tenancy import TenantScoped
@@ -101,6 +102,10 @@ class Delivery(TenantScoped, db.Model):
     )
     suppression_reason: Mapped[SuppressionCause | None] = mapped_column(
         str_enum(SuppressionCause, "delivery_suppression_reason")
+    )
+    # Why it ended failed or bounced (deliveries/failures.py); the funnel counts it.
+    failure_reason: Mapped[FailureReason | None] = mapped_column(
+        str_enum(FailureReason, "delivery_failure_reason")
     )
     # Address at send time: email, phone, device token or webhook URL.
     address: Mapped[str | None] = mapped_column(Text)
@@ -246,7 +251,38 @@ class DeliveryStat(TenantScoped, db.Model):
     # The campaign or template id; the organization id for the ORGANIZATION scope.
     scope_id: Mapped[int]
     channel: Mapped[Channel] = mapped_column(str_enum(Channel, "stat_channel"))
-    # "targeted", a ledger status, or "suppressed:<reason>" / "failed:<reason>".
+    # "targeted", a ledger status, "suppressed:<reason>", "failed:<reason>",
+    # "bounced:<reason>" or "event:<type>".
     metric: Mapped[str] = mapped_column(String(80))
     bucket: Mapped[datetime]
     value: Mapped[int] = mapped_column(server_default="0")
+
+
+class DeliveryLinkStat(TenantScoped, db.Model):
+    """Clicks per scope (campaign or template), channel and link, so the top clicked links
+    of a funnel read a row per link, never the click events.
+
+    ``url_hash`` is ``md5(url)`` in hex (the key; URLs may be long). Writers add with
+    ``INSERT ... ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks``.
+    """
+
+    __tablename__ = "delivery_link_stats"
+    __tenant_index__ = False
+    __table_args__ = (
+        UniqueConstraint(
+            "organization_id",
+            "scope",
+            "scope_id",
+            "channel",
+            "url_hash",
+            name="uq_delivery_link_stats_key",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Identity(), primary_key=True)
+    scope: Mapped[StatScope] = mapped_column(str_enum(StatScope, "link_stat_scope"))
+    scope_id: Mapped[int]
+    channel: Mapped[Channel] = mapped_column(str_enum(Channel, "link_stat_channel"))
+    url_hash: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(Text)
+    clicks: Mapped[int] = mapped_column(server_default="0")
