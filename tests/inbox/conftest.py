@@ -173,3 +173,24 @@ class Socket:
                 closed.rcvd.reason if closed.rcvd else ""
             )
         raise AssertionError("the server kept the socket open")
+
+
+def padded(size: int, char: str = "x", ref: str = "big") -> str:
+    """A ``read_all`` frame of exactly ``size`` bytes of UTF-8, padded with ``char``."""
+    empty = json.dumps({"type": "read_all", "ref": ref, "pad": ""}, ensure_ascii=False)
+    room = size - len(empty.encode())
+    width = len(char.encode())
+    assert room >= 0, size
+    return empty[:-2] + char * (room // width) + "x" * (room % width) + '"}'
+
+
+def assert_closed_1009(ws: Socket, message: str | list[str]) -> str:
+    """Send ``message`` (a list: one message in these fragments); the server closes 1009."""
+    try:
+        ws.ws.send(message)
+    except ConnectionClosed as closed:  # the server may close before the last fragment
+        assert closed.rcvd is not None and closed.rcvd.code == 1009
+        return closed.rcvd.reason
+    code, reason = ws.close_code()
+    assert code == 1009
+    return reason

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.inbox.conftest import deliveries_of, socket, token_for
+from tests.inbox.conftest import assert_closed_1009, deliveries_of, padded, socket, token_for
 from whistle_web.extensions import db
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,3 +159,20 @@ def test_the_socket_limit_counts_every_process(two_servers, inbox):
         with socket(a) as three:
             three.send({"type": "auth", "token": token})
             assert three.close_code()[0] == 4009
+
+
+def test_messages_over_4_kib_close_1009_under_each_worker_class(two_servers, inbox):
+    a, _ = two_servers
+    token = token_for(inbox["org"].id, "u-1")
+    over = padded(4097)
+    for message in (over, [over[i : i + 1000] for i in range(0, len(over), 1000)]):
+        with socket(a) as ws:
+            ws.auth(token)
+            assert assert_closed_1009(ws, message) == "Messages are at most 4096 bytes."
+    with socket(a, max_size=None) as ws:
+        ws.auth(token)
+        assert assert_closed_1009(ws, padded(4 * 2**20))
+    with socket(a) as ws:
+        ws.auth(token)
+        ws.send(padded(4096, "é", ref="fits"))
+        ws.expect("ack", ref="fits")

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.inbox.conftest import send_in_app, socket, token_for
+from tests.inbox.conftest import assert_closed_1009, padded, send_in_app, socket, token_for
 from whistle_web.inbox import hub as hub_module
 from whistle_web.inbox import socket as socket_module
 
@@ -35,17 +35,50 @@ def test_a_steady_client_within_the_rate_is_not_closed(live_server, inbox):
             time.sleep(0.06)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="since 2026-11-24 ~08:00 a 5 KiB frame gets no answer at all (no 1009, no close) on "
-    "this machine, with and without permessage-deflate and at commits where it had passed; "
-    "simple-websocket's max_message_size path needs a look (issue 5 note)",
-)
 def test_frames_over_4_kib_close_1009(live_server, inbox):
     with socket(live_server) as ws:
         ws.auth(token_for(inbox["org"].id, "u-1"))
+        started = time.monotonic()
         ws.send({"type": "seen", "ids": [1], "pad": "x" * 5000})
-        assert ws.close_code()[0] == 1009
+        code, reason = ws.close_code()
+    assert code == 1009 and reason == "Messages are at most 4096 bytes."
+    assert time.monotonic() - started < 2
+
+
+def test_a_fragmented_message_over_4_kib_closes_1009(live_server, inbox):
+    text = padded(socket_module.MAX_MESSAGE_BYTES + 1)
+    with socket(live_server) as ws:
+        ws.auth(token_for(inbox["org"].id, "u-1"))
+        assert assert_closed_1009(ws, [text[i : i + 1000] for i in range(0, len(text), 1000)])
+
+
+def test_text_is_counted_in_bytes_not_characters(live_server, inbox):
+    text = padded(socket_module.MAX_MESSAGE_BYTES + 1, "é")
+    assert len(text) < socket_module.MAX_MESSAGE_BYTES
+    with socket(live_server) as ws:
+        ws.auth(token_for(inbox["org"].id, "u-1"))
+        assert assert_closed_1009(ws, text)
+
+
+def test_a_huge_frame_closes_1009_though_the_client_is_still_sending(live_server, inbox):
+    with socket(live_server, max_size=None) as ws:
+        ws.auth(token_for(inbox["org"].id, "u-1"))
+        assert assert_closed_1009(ws, padded(4 * 2**20))
+
+
+@pytest.mark.parametrize("char", ["x", "é"])
+def test_messages_of_exactly_4_kib_are_served(live_server, inbox, char):
+    size = socket_module.MAX_MESSAGE_BYTES
+    with socket(live_server) as ws:
+        ws.auth(token_for(inbox["org"].id, "u-1"))
+        ws.send(padded(size, char, ref="one"))
+        ws.expect("ack", ref="one")
+        # In fragments too, and the count starts over with each message.
+        text = padded(size, char, ref="two")
+        ws.ws.send([text[i : i + 700] for i in range(0, len(text), 700)])
+        ws.expect("ack", ref="two")
+        ws.send(padded(size, char, ref="three"))
+        ws.expect("ack", ref="three")
 
 
 def test_sockets_per_recipient_are_limited(live_server, inbox, app, monkeypatch):

@@ -6,8 +6,6 @@ from flask import Flask
 
 
 def init_app(app: Flask) -> None:
-    from whistle_web.inbox.socket import MAX_FRAME_BYTES, bp
+    from whistle_web.inbox.socket import bp
 
-    # Larger client frames close the socket with 1009 (simple-websocket enforces it).
-    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": MAX_FRAME_BYTES})
     app.register_blueprint(bp)

@@ -5,9 +5,10 @@ socket's sending: frames from the hub are queued on its :class:`~whistle_web.inb
 and wake it. Between messages the thread holds no database connection (the session is
 removed after each use), so idle sockets cost no pool slots.
 
-flask-sock hands us a ``simple_websocket.Server``; to wait for "a client frame arrived or
-the hub queued something" in one call, the loop waits on the server's own ``event`` and
-reads its ``input_buffer`` (the attributes its ``receive`` uses; simple-websocket 1.x).
+The socket is a ``simple_websocket.Server`` (:class:`~whistle_web.inbox.transport.InboxServer`,
+which enforces the message size limit); to wait for "a client frame arrived or the hub
+queued something" in one call, the loop waits on the server's own ``event`` and reads its
+``input_buffer`` (the attributes its ``receive`` uses; simple-websocket 1.x).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import contextlib
 import json
 import logging
 import re
-import socket
-import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -25,14 +24,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
-from flask import Blueprint, current_app, request
+from flask import Blueprint, Response, current_app, request
 from simple_websocket import ConnectionClosed
+from wsproto.utilities import LocalProtocolError
 
 from whistle_web.errors import DomainError, NotFound
-from whistle_web.extensions import db, sock
+from whistle_web.extensions import db
 from whistle_web.inbox import services
 from whistle_web.inbox.hub import Client, hub
 from whistle_web.inbox.services import InboxOwner
+from whistle_web.inbox.transport import InboxServer
 from whistle_web.organizations.models import Organization
 from whistle_web.preferences.services import InvalidRecipientToken, RecipientClaims
 
@@ -42,7 +43,8 @@ bp = Blueprint("inbox", __name__)
 
 AUTH_TIMEOUT = 5.0
 PING_INTERVAL = 25.0
-MAX_FRAME_BYTES = 4096
+# A client message, all of its frames together, in bytes (larger ones close with 1009).
+MAX_MESSAGE_BYTES = 4096
 # Client frames per second per socket, and the burst allowed above it.
 RATE_PER_SECOND = 20.0
 RATE_BURST = 40.0
@@ -208,7 +210,7 @@ def _release_db() -> None:
 class InboxSocket:
     """One authenticated widget connection."""
 
-    def __init__(self, ws: Any, config: dict[str, Any], redis_client: redis.Redis) -> None:
+    def __init__(self, ws: InboxServer, config: dict[str, Any], redis_client: redis.Redis) -> None:
         self.ws = ws
         self.config = config
         self.redis = redis_client
@@ -238,26 +240,22 @@ class InboxSocket:
             if self.slots is not None:
                 self.slots.release()
             _release_db()
-            self._hang_up()
-
-    def _hang_up(self) -> None:
-        """End the TCP connection once the closing handshake is done (or took too long).
-
-        Servers that keep the connection for HTTP keep-alive afterwards (Werkzeug's) would
-        otherwise leave the client waiting for the end of the stream.
-        """
-        reader = getattr(self.ws, "thread", None)
-        if reader is not None and reader is not threading.current_thread():
-            reader.join(timeout=1.0)
-        with contextlib.suppress(OSError):
-            self.ws.sock.shutdown(socket.SHUT_RDWR)
+            # Servers that keep the connection for HTTP keep-alive afterwards (Werkzeug's)
+            # would otherwise leave the client waiting for the end of the stream.
+            self.ws.hang_up()
 
     def _close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(ConnectionClosed, OSError):
+        # LocalProtocolError: simple-websocket's reader closed it a moment ago.
+        with contextlib.suppress(ConnectionClosed, LocalProtocolError, OSError):
             self.ws.close(reason=code, message=reason)
 
     def send(self, frame: dict[str, Any] | str) -> None:
-        self.ws.send(frame if isinstance(frame, str) else _json(frame))
+        try:
+            self.ws.send(frame if isinstance(frame, str) else _json(frame))
+        except LocalProtocolError:
+            # The reader closed the connection (a close from the client, an oversized
+            # message) between our look at ``connected`` and this send.
+            raise ConnectionClosed(self.ws.close_reason, self.ws.close_message) from None
 
     # --- authentication -------------------------------------------------------------------
 
@@ -438,9 +436,26 @@ def _no_compression() -> None:
     request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
 
 
-@sock.route("/ws", bp=bp)
-def inbox_socket(ws: Any) -> None:
+class _Handled(Response):
+    """The response after a WebSocket: nothing more goes out on its connection."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        if self.mode == "gunicorn":
+            # gunicorn's workers take this as "the application kept the connection".
+            raise StopIteration()
+        return super().__call__(environ, start_response)
+
+
+@bp.route("/ws", websocket=True)
+def inbox_socket() -> Response:
+    """Serve the widget's socket (what flask-sock's route does, with :class:`InboxServer`)."""
     from whistle_web import get_redis
 
     origin = request.headers.get("Origin")
+    ws = InboxServer(request.environ, max_message_bytes=MAX_MESSAGE_BYTES)
     InboxSocket(ws, current_app.config, get_redis()).serve(origin)
+    return _Handled(ws.mode)
