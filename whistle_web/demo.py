@@ -16,6 +16,7 @@ from whistle_web.accounts.services import (
     find_user_by_email,
 )
 from whistle_web.channels.kinds import Channel, ProviderKind
+from whistle_web.deliveries.failures import FailureReason
 from whistle_web.deliveries.models import INBOX_SEQ
 from whistle_web.deliveries.services import rebuild_stats
 from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause
@@ -524,6 +525,7 @@ def _apply(
     delivery.suppression_reason = reason
     if status == DeliveryStatus.FAILED:
         delivery.error = "550 5.1.1 mailbox unavailable"
+        delivery.failure_reason = FailureReason.PROVIDER_REJECTED
         delivery.failed_at = at + timedelta(seconds=6)
         delivery.attempts = 1
         return
@@ -535,6 +537,7 @@ def _apply(
         delivery.sent_at = at + timedelta(seconds=5)
         delivery.bounced_at = at + timedelta(seconds=40)
         delivery.error = "hard bounce: address does not exist"
+        delivery.failure_reason = FailureReason.HARD_BOUNCE
         return
     rank = [s for s, _, _ in _PROGRESS_TIMES].index(status)
     for _, attr, offset in _PROGRESS_TIMES[: rank + 1]:

@@ -16,6 +16,7 @@ from whistle_web.accounts.models import Role
 from whistle_web.campaigns.models import AudienceType
 from whistle_web.campaigns.services import create_campaign
 from whistle_web.channels.kinds import Channel
+from whistle_web.deliveries.failures import BOUNCED_REASONS, FAILED_REASONS, FailureReason
 from whistle_web.deliveries.models import Delivery, DeliveryEvent
 from whistle_web.deliveries.services import FUNNEL_STEPS, rebuild_stats
 from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause
@@ -29,7 +30,7 @@ CONTENT = {
     "in_app": {"title": "Hi", "body": "Hello"},
 }
 STAMPS = ("sent_at", "delivered_at", "seen_at", "read_at", "clicked_at")
-# (status, how far along the stamps it got, suppression reason), each several times.
+# (status, how far along the stamps it got, suppression or failure reason), each several times.
 PLAN = [
     (DeliveryStatus.QUEUED, 0, None),
     (DeliveryStatus.SENDING, 0, None),
@@ -38,8 +39,8 @@ PLAN = [
     (DeliveryStatus.SEEN, 3, None),
     (DeliveryStatus.READ, 4, None),
     (DeliveryStatus.CLICKED, 5, None),
-    (DeliveryStatus.FAILED, 0, None),
-    (DeliveryStatus.BOUNCED, 1, None),
+    *((DeliveryStatus.FAILED, 0, reason) for reason in sorted(FAILED_REASONS)),
+    *((DeliveryStatus.BOUNCED, 1, reason) for reason in sorted(BOUNCED_REASONS)),
     (DeliveryStatus.CANCELLED, 0, None),
     *((DeliveryStatus.SUPPRESSED, 0, cause) for cause in SuppressionCause),
 ]
@@ -86,7 +87,8 @@ def seed(org, campaign, make_recipient, make_send_request, template, *, at=None,
                     template_id=template.id,
                     channel=channel,
                     status=status,
-                    suppression_reason=reason,
+                    suppression_reason=reason if isinstance(reason, SuppressionCause) else None,
+                    failure_reason=reason if isinstance(reason, FailureReason) else None,
                     created_at=at + timedelta(hours=i % 3),
                 )
                 for stamp in STAMPS[:reached]:
@@ -174,6 +176,19 @@ def test_funnel_numbers_equal_the_ledger(login_as, org, seeded, channel):  # typ
                 if r["section"] == "suppressed" and r["metric"] == cause.value
             ]
             assert (have or [0]) == [want]
+        # Failures and bounces by reason, equal to the ledger.
+        for status, reasons in (("failed", FAILED_REASONS), ("bounced", BOUNCED_REASONS)):
+            query = (
+                select(Delivery.failure_reason, func.count())
+                .where(Delivery.campaign_id == seeded.id, Delivery.status == status)
+                .group_by(Delivery.failure_reason)
+            )
+            if channel:
+                query = query.where(Delivery.channel == channel)
+            want = {str(reason): n for reason, n in db.session.execute(query).all()}
+            have = {r["metric"]: int(r["value"]) for r in rows if r["section"] == status}
+            assert have == want and set(want) == {r.value for r in reasons}
+            assert sum(have.values()) == expected[status]
 
 
 def test_the_page_shows_the_steps_rates_chart_and_numbers(login_as, org, seeded):  # type: ignore[no-untyped-def]
@@ -191,6 +206,79 @@ def test_the_page_shows_the_steps_rates_chart_and_numbers(login_as, org, seeded)
     assert "Hourly sends and engagement" in html  # a range under 3 days
     # the nav highlights Campaigns
     assert 'href="/campaigns" aria-current="page"' in html
+
+
+def test_failures_and_bounces_by_reason_beside_the_suppressed(login_as, org, seeded):  # type: ignore[no-untyped-def]
+    client = login_as(Role.VIEWER)
+    html = client.get(f"/campaigns/{seeded.id}/funnel").get_data(as_text=True)
+    reasons = html[html.index('<div class="reasons">') :]
+    for caption in ("Suppressed by reason", "Failed by reason", "Bounced by reason"):
+        assert f"<caption>{caption}</caption>" in reasons
+    failed = reasons[reasons.index("Failed by reason") : reasons.index("Bounced by reason")]
+    for reason in FAILED_REASONS:
+        # three copies on email, the second on in-app as well
+        want = '<td class="num">4</td>'
+        assert f'<th scope="row">{reason.replace("_", " ")}</th>{want}' in failed, reason
+    bounced = reasons[reasons.index("Bounced by reason") :]
+    assert '<th scope="row">hard bounce</th><td class="num">4</td>' in bounced
+    assert '<th scope="row">provider suppressed</th>' in bounced
+    # narrowed to a channel: that channel's reasons
+    in_app = client.get(f"/campaigns/{seeded.id}/funnel?channel=in_app").get_data(as_text=True)
+    assert '<th scope="row">gave up</th><td class="num">1</td>' in in_app
+
+
+def test_a_funnel_without_failures_says_so(  # type: ignore[no-untyped-def]
+    login_as, org, template, make_recipient, make_send_request
+):
+    campaign = make_campaign(org, "Clean")
+    request = make_send_request(org, template=template, campaign=campaign)
+    with organization_scope(org.id):
+        recipient = make_recipient(org, "clean", email="clean@example.com")
+        notification = Notification(
+            send_request_id=request.id,
+            campaign_id=campaign.id,
+            template_id=template.id,
+            recipient_id=recipient.id,
+        )
+        db.session.add(notification)
+        db.session.flush()
+        db.session.add(
+            Delivery(
+                notification_id=notification.id,
+                recipient_id=recipient.id,
+                campaign_id=campaign.id,
+                template_id=template.id,
+                channel=Channel.EMAIL,
+                status=DeliveryStatus.SENT,
+                sent_at=datetime.now(UTC),
+            )
+        )
+        db.session.flush()
+        rebuild_stats(StatScope.CAMPAIGN, campaign.id)
+    html = login_as(Role.VIEWER).get(f"/campaigns/{campaign.id}/funnel").get_data(as_text=True)
+    assert "None failed." in html and "None bounced." in html and "None suppressed." in html
+
+
+def test_failures_counted_before_reasons_were_show_as_other(login_as, org, seeded):  # type: ignore[no-untyped-def]
+    # Counters written before migration 0008: the totals without a per-reason split.
+    with organization_scope(org.id):
+        db.session.execute(
+            text(
+                "INSERT INTO delivery_stats"
+                " (organization_id, scope, scope_id, channel, metric, bucket, value)"
+                " VALUES (:org, 'campaign', :id, 'email', 'failed', now(), 4)"
+            ),
+            {"org": org.id, "id": seeded.id},
+        )
+    client = login_as(Role.VIEWER)
+    rows = csv_rows(client.get(f"/campaigns/{seeded.id}/funnel.csv"))
+    failed = {r["metric"]: int(r["value"]) for r in rows if r["section"] == "failed"}
+    total = next(
+        int(r["value"]) for r in rows if r["section"] == "funnel" and r["metric"] == "targeted"
+    )
+    assert total and failed["other"] == 4 + 4  # the seeded "other" failures, and the rest
+    html = client.get(f"/campaigns/{seeded.id}/funnel").get_data(as_text=True)
+    assert '<th scope="row">other</th><td class="num">8</td>' in html
 
 
 def test_the_funnel_never_queries_deliveries(app, login_as, seeded):  # type: ignore[no-untyped-def]
@@ -280,6 +368,11 @@ def test_compare_two_campaigns(login_as, org, seeded, template, make_recipient, 
     assert f'<td class="num">{mine["targeted"]:,}</td>' in html
     assert f'<td class="num">{theirs["targeted"]:,}</td>' in html
     assert f'<option value="{other.id}" selected>' in html
+    # each side shows its failures and bounces by reason
+    sides = html[html.index('<div class="side-by-side">') :]
+    assert sides.count("<caption>Failed by reason</caption>") == 2
+    assert sides.count("<caption>Bounced by reason</caption>") == 2
+    assert '<th scope="row">template error</th><td class="num">1</td>' in sides  # Autumn
     rows = csv_rows(client.get(f"/campaigns/{seeded.id}/funnel.csv?compare={other.id}"))
     targeted = {
         int(r["campaign_id"]): int(r["value"])
@@ -302,7 +395,10 @@ def test_csv_content(login_as, org, seeded):  # type: ignore[no-untyped-def]
         "campaign", "campaign_id", "section", "channel", "metric", "period", "value", "rate",
     ]  # fmt: skip
     sections = {r["section"] for r in rows}
-    assert {"funnel", "channel", "suppressed", "series_hour"} <= sections
+    assert {"funnel", "channel", "suppressed", "failed", "bounced", "series_hour"} <= sections
+    failed = [r for r in rows if r["section"] == "failed"]
+    assert {r["metric"] for r in failed} == {r.value for r in FAILED_REASONS}
+    assert all(r["channel"] == "all" and r["rate"] == "" for r in failed)
     sent = next(r for r in rows if r["section"] == "funnel" and r["metric"] == "sent")
     expected = ledger(org, seeded.id)
     assert sent["rate"] == f"{expected['sent'] / expected['queued']:.4f}"

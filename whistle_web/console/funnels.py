@@ -1,8 +1,8 @@
 """Delivery funnels: per campaign and per template, per channel, from the funnel counters.
 
-Every number on the page comes from ``delivery_stats`` (deliveries/services.py); the ledger
-is never counted. Top clicked links are the one exception (they read "clicked" events) and
-load separately, so the funnel page itself never touches ``deliveries``.
+Every number on the page comes from the counters (deliveries/services.py): ``delivery_stats``
+for the funnel, ``delivery_link_stats`` for the top clicked links (loaded separately); the
+ledger and its events are never counted.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from typing import Any
 from flask import Response, abort, request
 from sqlalchemy import select
 
+from whistle_web.channels.kinds import Channel
 from whistle_web.console.access import render, requires
 from whistle_web.console.views import bp
+from whistle_web.deliveries.failures import FailureReason
 from whistle_web.deliveries.services import (
     funnel_breakdown,
     funnel_series,
@@ -28,6 +30,7 @@ from whistle_web.extensions import db
 from whistle_web.models import Campaign, StatScope, Template
 
 MAX_ID = 2**63 - 1
+CHANNELS = frozenset(c.value for c in Channel)
 # Steps of the funnel in order, with their labels; suppressed branches off targeted.
 STEPS = (
     ("targeted", "Targeted"),
@@ -81,7 +84,8 @@ class Funnel:
     steps: list[Step]
     per_channel: dict[str, list[Step]]
     suppressed: list[tuple[str, int]]
-    failures: list[tuple[str, str, int]]
+    failed: list[tuple[str, int]]
+    bounced: list[tuple[str, int]]
     events: list[tuple[str, int]]
     totals: dict[str, int] = field(default_factory=dict)
     unit: str = "hour"
@@ -123,6 +127,16 @@ def _reasons(metrics: dict[str, int], prefix: str) -> list[tuple[str, int]]:
         ((m.split(":", 1)[1], v) for m, v in metrics.items() if m.startswith(prefix) and v),
         key=lambda item: (-item[1], item[0]),
     )
+
+
+def _by_reason(metrics: dict[str, int], status: str) -> list[tuple[str, int]]:
+    """``status:<reason>`` counts; what the reasons leave of the total (failures counted
+    before reasons were, until ``rebuild_stats``) shows as "other"."""
+    reasons = dict(_reasons(metrics, f"{status}:"))
+    rest = metrics.get(status, 0) - sum(reasons.values())
+    if rest > 0:
+        reasons[FailureReason.OTHER.value] = reasons.get(FailureReason.OTHER.value, 0) + rest
+    return sorted(reasons.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _utc(moment: datetime) -> datetime:
@@ -199,10 +213,8 @@ def build_funnel(kind: str, subject: Any, channel: str | None = None) -> Funnel:
         steps=_steps(metrics),
         per_channel={c: _steps(breakdown[c]) for c in channels},
         suppressed=_reasons(metrics, "suppressed:"),
-        failures=[
-            *(("failed", r, v) for r, v in _reasons(metrics, "failed:")),
-            *(("bounced", r, v) for r, v in _reasons(metrics, "bounced:")),
-        ],
+        failed=_by_reason(metrics, "failed"),
+        bounced=_by_reason(metrics, "bounced"),
         events=_reasons(metrics, "event:"),
         totals=metrics,
     )
@@ -316,8 +328,10 @@ def _csv(kind: str, subject: Any) -> Response:
                 row(f, "channel", channel, step.metric, "", step.value, step.rate)
         for reason, value in f.suppressed:
             row(f, "suppressed", scope_channel, reason, "", value, None)
-        for status, reason, value in f.failures:
-            row(f, status, scope_channel, reason, "", value, None)
+        for reason, value in f.failed:
+            row(f, "failed", scope_channel, reason, "", value, None)
+        for reason, value in f.bounced:
+            row(f, "bounced", scope_channel, reason, "", value, None)
         for point in f.series:
             for metric, _label in SERIES:
                 period = point["period"].strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -332,17 +346,16 @@ def _csv(kind: str, subject: Any) -> Response:
 
 def _links(kind: str, subject: Any) -> Any:
     scope = StatScope.CAMPAIGN if kind == "campaign" else StatScope.TEMPLATE
-    span = funnel_span(scope, subject.id)
-    links: list[tuple[str, int]] = []
-    if span is not None:
-        since, until, _unit = _window(span)
-        links = top_clicked_links(scope, subject.id, since=since, until=until)
+    channel = _channel_arg()
+    if channel not in CHANNELS:
+        channel = None
     return render(
         "console/funnels/links.html",
         "console/funnels/_links.html",
         kind=kind,
         subject=subject,
-        links=links,
+        channel=channel,
+        links=top_clicked_links(scope, subject.id, channel=channel),
     )
 
 

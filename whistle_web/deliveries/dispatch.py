@@ -35,6 +35,7 @@ from whistle_web.channels.base import Message, ProviderUnavailable, SendResult, 
 from whistle_web.channels.kinds import PUSH_DEVICE_KINDS, Channel, ProviderKind
 from whistle_web.channels.models import Provider
 from whistle_web.channels.ratelimit import bucket_for_provider
+from whistle_web.deliveries.failures import counted_failures, failure_reason
 from whistle_web.deliveries.ledger import CounterRow, bump_counters, suppress_address
 from whistle_web.deliveries.models import BatchStatus, Delivery, DeliveryBatch
 from whistle_web.deliveries.status import DeliveryStatus
@@ -485,20 +486,25 @@ def store_and_publish(
             text(
                 "WITH changed AS ("
                 " UPDATE deliveries AS d SET status = 'failed', failed_at = :now,"
-                " updated_at = :now, attempts = d.attempts + 1, error = v.error"
-                " FROM unnest(CAST(:ids AS bigint[]), CAST(:errors AS text[])) AS v(id, error)"
+                " updated_at = :now, attempts = d.attempts + 1, error = v.error,"
+                " failure_reason = v.reason"
+                " FROM unnest(CAST(:ids AS bigint[]), CAST(:errors AS text[]),"
+                " CAST(:reasons AS text[])) AS v(id, error, reason)"
                 " WHERE d.id = v.id"
-                " RETURNING d.organization_id, d.campaign_id, d.template_id, d.channel)"
-                " SELECT organization_id, campaign_id, template_id, channel, count(*)"
-                " FROM changed GROUP BY organization_id, campaign_id, template_id, channel"
+                " RETURNING d.organization_id, d.campaign_id, d.template_id, d.channel,"
+                " d.failure_reason)"
+                " SELECT organization_id, campaign_id, template_id, channel, failure_reason,"
+                " count(*) FROM changed"
+                " GROUP BY organization_id, campaign_id, template_id, channel, failure_reason"
             ),
             {
                 "now": now,
                 "ids": [f.delivery_id for f in failures],
                 "errors": [f.error or "failed" for f in failures],
+                "reasons": [failure_reason(f).value for f in failures],
             },
         ).all()
-        counters += _counted(returned, org_id, "failed", now)
+        counters += counted_failures(returned, org_id, now)
     _heartbeat(batch_id)
     bump_counters(counters)  # last: the counter rows stay locked only until the commit
     db.session.commit()
@@ -849,23 +855,27 @@ def _record(
             text(
                 "WITH changed AS ("
                 " UPDATE deliveries AS d SET status = 'failed', failed_at = :now,"
-                " updated_at = :now, error = v.error,"
+                " updated_at = :now, error = v.error, failure_reason = v.reason,"
                 " provider_id = COALESCE(v.provider_id, d.provider_id)"
                 " FROM unnest(CAST(:ids AS bigint[]), CAST(:errors AS text[]),"
-                " CAST(:providers AS bigint[])) AS v(id, error, provider_id)"
+                " CAST(:reasons AS text[]), CAST(:providers AS bigint[]))"
+                " AS v(id, error, reason, provider_id)"
                 " WHERE d.id = v.id"
-                " RETURNING d.organization_id, d.campaign_id, d.template_id, d.channel)"
-                " SELECT organization_id, campaign_id, template_id, channel, count(*)"
-                " FROM changed GROUP BY organization_id, campaign_id, template_id, channel"
+                " RETURNING d.organization_id, d.campaign_id, d.template_id, d.channel,"
+                " d.failure_reason)"
+                " SELECT organization_id, campaign_id, template_id, channel, failure_reason,"
+                " count(*) FROM changed"
+                " GROUP BY organization_id, campaign_id, template_id, channel, failure_reason"
             ),
             {
                 "now": now,
                 "ids": [r.delivery_id for r in failed],
                 "errors": [_failure_text(r, attempts) for r in failed],
+                "reasons": [failure_reason(r).value for r in failed],
                 "providers": [provider_of.get(r.delivery_id) for r in failed],
             },
         ).all()
-        counters += _counted(returned, org_id, "failed", now)
+        counters += counted_failures(returned, org_id, now)
     if retry:
         returned = db.session.execute(
             text(

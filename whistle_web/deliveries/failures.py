@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from whistle_web.channels.base import SendResult
 from whistle_web.channels.kinds import Channel
+from whistle_web.tenancy import TenantScopeError
 
 if TYPE_CHECKING:
     from whistle_web.deliveries.ledger import CounterRow
@@ -116,3 +117,20 @@ def reason_counters(
         counters.append(CounterRow(campaign_id, template_id, channel, status, at, count))
         counters.append(CounterRow(campaign_id, template_id, channel, metric, at, count))
     return counters
+
+
+def counted_failures(
+    rows: Iterable[tuple[int, int | None, int | None, Channel | str, str | None, int]],
+    org_id: int,
+    at: datetime,
+) -> list[CounterRow]:
+    """Counter increments from a failing UPDATE's (organization, campaign, template,
+    channel, reason, n) rows: ``failed`` and ``failed:<reason>``.
+
+    Raises:
+        TenantScopeError: a row of another organization was changed (rolls back the chunk).
+    """
+    rows = list(rows)
+    if any(row[0] != org_id for row in rows):
+        raise TenantScopeError(f"a chunk of organization {org_id} reached another's rows")
+    return reason_counters((row[1:] for row in rows), "failed", at)

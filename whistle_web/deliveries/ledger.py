@@ -7,6 +7,7 @@ metric counts a delivery once, when its timestamp is first set.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,7 +18,14 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
 from whistle_web.channels.kinds import Channel
-from whistle_web.deliveries.models import Delivery, DeliveryEvent, DeliveryStat, StatScope
+from whistle_web.deliveries.failures import bounce_reason
+from whistle_web.deliveries.models import (
+    Delivery,
+    DeliveryEvent,
+    DeliveryLinkStat,
+    DeliveryStat,
+    StatScope,
+)
 from whistle_web.deliveries.status import PROGRESS, DeliveryStatus, can_transition
 from whistle_web.extensions import db
 from whistle_web.inbox.outbox import note_state_change
@@ -97,6 +105,45 @@ def bump_counters(rows: Iterable[CounterRow]) -> None:
     db.session.execute(stmt)
 
 
+def url_hash(url: str) -> str:
+    """The key of a link in ``delivery_link_stats``: PostgreSQL's ``md5(url)``."""
+    return hashlib.md5(url.encode(), usedforsecurity=False).hexdigest()
+
+
+def bump_link_clicks(delivery: Delivery, url: str, count: int = 1) -> None:
+    """Count clicks on ``url`` for the delivery's campaign and template (every click, as
+    the events record them; the funnel's "clicked" step counts deliveries)."""
+    scopes = [
+        (scope, scope_id)
+        for scope, scope_id in (
+            (StatScope.CAMPAIGN, delivery.campaign_id),
+            (StatScope.TEMPLATE, delivery.template_id),
+        )
+        if scope_id is not None
+    ]
+    if not scopes:
+        return
+    stmt = insert(DeliveryLinkStat).values(
+        [
+            {
+                "organization_id": require_organization_id(),
+                "scope": scope,
+                "scope_id": scope_id,
+                "channel": Channel(delivery.channel),
+                "url_hash": url_hash(url),
+                "url": url,
+                "clicks": count,
+            }
+            for scope, scope_id in scopes  # campaign before template: one lock order
+        ]
+    )
+    stmt = stmt.on_conflict_do_update(
+        constraint="uq_delivery_link_stats_key",
+        set_={"clicks": DeliveryLinkStat.clicks + stmt.excluded.clicks},
+    )
+    db.session.execute(stmt)
+
+
 def newly_reached(delivery: Delivery, status: DeliveryStatus) -> list[tuple[DeliveryStatus, str]]:
     """Timestamped steps up to ``status`` that this delivery has not reached yet.
 
@@ -147,6 +194,10 @@ def record_event(
         for step, column in newly_reached(delivery, target):
             setattr(delivery, column, at)
             counters.append(_counter(delivery, step.value, at))
+            if step in FINAL_STAMPS:
+                # Only a "bounced" event ends a delivery here (failures are the workers').
+                delivery.failure_reason = bounce_reason(data)
+                counters.append(_counter(delivery, f"{step.value}:{delivery.failure_reason}", at))
         delivery.status = target
     elif event_type == "archived" and delivery.archived_at is None:
         delivery.archived_at = at
@@ -166,6 +217,9 @@ def record_event(
             delivery_id=delivery.id,
         )
     bump_counters(counters)
+    url = data.get("url")
+    if event_type == "clicked" and isinstance(url, str) and url:
+        bump_link_clicks(delivery, url)
     if delivery.channel == Channel.IN_APP and _inbox_state(delivery) != inbox_state:
         # Every open tab of the recipient hears of it after the commit (see inbox.outbox).
         note_state_change(delivery)

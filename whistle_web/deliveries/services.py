@@ -7,7 +7,14 @@ from typing import Any
 from sqlalchemy import Select, Text, and_, cast, delete, func, literal, select
 from sqlalchemy.dialects.postgresql import insert
 
-from whistle_web.deliveries.models import Delivery, DeliveryStat, StatScope
+from whistle_web.deliveries.failures import FailureReason
+from whistle_web.deliveries.models import (
+    Delivery,
+    DeliveryEvent,
+    DeliveryLinkStat,
+    DeliveryStat,
+    StatScope,
+)
 from whistle_web.deliveries.status import DeliveryStatus
 from whistle_web.extensions import db
 from whistle_web.tenancy import require_organization_id
@@ -72,11 +79,81 @@ def _ledger_counts(scope: StatScope, where: list) -> list[Select]:  # type: igno
             Delivery.suppression_reason,
         )
     )
-    return [*selects, reasons]
+    failures = (
+        select(
+            Delivery.organization_id,
+            literal(scope.value).label("scope"),
+            scope_id.label("scope_id"),
+            Delivery.channel,
+            func.concat(
+                cast(Delivery.status, Text),
+                ":",
+                func.coalesce(cast(Delivery.failure_reason, Text), FailureReason.OTHER.value),
+            ).label("metric"),
+            bucket.label("bucket"),
+            func.count().label("value"),
+        )
+        .where(
+            *where,
+            Delivery.status.in_([DeliveryStatus.FAILED, DeliveryStatus.BOUNCED]),
+            scope_id.is_not(None),
+        )
+        .group_by(
+            Delivery.organization_id,
+            scope_id,
+            Delivery.channel,
+            bucket,
+            Delivery.status,
+            Delivery.failure_reason,
+        )
+    )
+    return [*selects, reasons, failures]
+
+
+def _rebuild_link_stats(scope: StatScope, scope_id: int) -> int:
+    """Recount the clicks per link of a campaign or template from its "clicked" events.
+
+    Events older than the retention period (deliveries/retention.py) are gone, so a recount
+    of an old campaign may find fewer clicks than the live counters had.
+    """
+    column = {StatScope.CAMPAIGN: Delivery.campaign_id, StatScope.TEMPLATE: Delivery.template_id}[
+        scope
+    ]
+    db.session.execute(
+        delete(DeliveryLinkStat).where(
+            DeliveryLinkStat.scope == scope, DeliveryLinkStat.scope_id == scope_id
+        )
+    )
+    url = DeliveryEvent.data["url"].astext
+    query = (
+        select(
+            Delivery.organization_id,
+            literal(scope.value),
+            column,
+            Delivery.channel,
+            func.md5(url),
+            url,
+            func.count(),
+        )
+        .join(Delivery, Delivery.id == DeliveryEvent.delivery_id)
+        .where(
+            DeliveryEvent.organization_id == require_organization_id(),
+            Delivery.organization_id == require_organization_id(),
+            DeliveryEvent.type == "clicked",
+            func.jsonb_typeof(DeliveryEvent.data["url"]) == "string",
+            column == scope_id,
+        )
+        .group_by(Delivery.organization_id, column, Delivery.channel, url)
+    )
+    stmt = insert(DeliveryLinkStat).from_select(
+        ["organization_id", "scope", "scope_id", "channel", "url_hash", "url", "clicks"], query
+    )
+    return db.session.execute(stmt).rowcount or 0
 
 
 def rebuild_stats(scope: StatScope, scope_id: int) -> int:
-    """Recompute one scope's funnel counters from the ledger (backfill and repair).
+    """Recompute one scope's funnel counters from the ledger (backfill and repair), and a
+    campaign's or template's clicks per link from the click events.
 
     Totals equal the live counters; the hourly split follows each delivery's creation hour,
     where live counters use the hour each step happened.
@@ -90,7 +167,10 @@ def rebuild_stats(scope: StatScope, scope_id: int) -> int:
         delete(DeliveryStat).where(
             DeliveryStat.scope == scope,
             DeliveryStat.scope_id == scope_id,
-            DeliveryStat.metric.in_(list(FUNNEL_STEPS)) | DeliveryStat.metric.like("suppressed:%"),
+            DeliveryStat.metric.in_(list(FUNNEL_STEPS))
+            | DeliveryStat.metric.like("suppressed:%")
+            | DeliveryStat.metric.like("failed:%")
+            | DeliveryStat.metric.like("bounced:%"),
         )
     )
     column = {
@@ -105,6 +185,8 @@ def rebuild_stats(scope: StatScope, scope_id: int) -> int:
             ["organization_id", "scope", "scope_id", "channel", "metric", "bucket", "value"], query
         )
         written += db.session.execute(stmt).rowcount or 0
+    if scope != StatScope.ORGANIZATION:
+        written += _rebuild_link_stats(scope, scope_id)
     return written
 
 
@@ -236,35 +318,18 @@ def scope_totals_since(
 
 
 def top_clicked_links(
-    scope: StatScope, scope_id: int, *, since: Any, until: Any, limit: int = 10
+    scope: StatScope, scope_id: int, *, channel: str | None = None, limit: int = 10
 ) -> list[tuple[str, int]]:
-    """(url, clicks) of "clicked" events in ``[since, until]`` for a
-    campaign's or template's deliveries, most clicked first.
-
-    Walks the organization's events in the window (ix_delivery_events_org_occurred) and
-    joins each clicked one to its delivery by primary key; the only funnel query that reads
-    beyond the counters. Its cost follows the number of clicks (bench/funnel.py: ~230 ms
-    for 200,000; counting distinct deliveries as well doubled it, so it does not).
-    """
-    from whistle_web.deliveries.models import DeliveryEvent
-
-    column = {StatScope.CAMPAIGN: Delivery.campaign_id, StatScope.TEMPLATE: Delivery.template_id}[
-        scope
-    ]
-    url = DeliveryEvent.data["url"].astext
-    rows = db.session.execute(
-        select(url, func.count())
-        .join(Delivery, Delivery.id == DeliveryEvent.delivery_id)
-        .where(
-            DeliveryEvent.organization_id == require_organization_id(),
-            DeliveryEvent.occurred_at >= since,
-            DeliveryEvent.occurred_at <= until,
-            DeliveryEvent.type == "clicked",
-            url.is_not(None),
-            column == scope_id,
-        )
-        .group_by(url)
-        .order_by(func.count().desc(), url)
+    """(url, clicks) of a campaign's or template's most clicked links, from the per-link
+    counters (``delivery_link_stats``): a row per link and channel, never the events."""
+    clicks = func.sum(DeliveryLinkStat.clicks)
+    query = (
+        select(DeliveryLinkStat.url, clicks)
+        .where(DeliveryLinkStat.scope == scope, DeliveryLinkStat.scope_id == scope_id)
+        .group_by(DeliveryLinkStat.url_hash, DeliveryLinkStat.url)
+        .order_by(clicks.desc(), DeliveryLinkStat.url)
         .limit(limit)
-    ).all()
-    return [(str(u), int(c)) for u, c in rows]
+    )
+    if channel is not None:
+        query = query.where(DeliveryLinkStat.channel == channel)
+    return [(str(u), int(c)) for u, c in db.session.execute(query).all()]

@@ -219,20 +219,31 @@ def sweep_batches(now: datetime) -> int:
 
 def _fail_interrupted(batch: DeliveryBatch, now: datetime) -> None:
     """A worker died holding these: they may or may not have gone out, so never resend."""
+    from whistle_web.deliveries.failures import FailureReason
+
     rows = db.session.execute(
         text(
             "UPDATE deliveries SET status = 'failed', failed_at = :now, updated_at = :now,"
-            " error = 'the worker stopped while sending; not retried to avoid a duplicate'"
+            " error = 'the worker stopped while sending; not retried to avoid a duplicate',"
+            " failure_reason = :reason"
             " WHERE batch_id = :batch AND organization_id = :org AND status = 'sending'"
             " RETURNING campaign_id, template_id, channel"
         ),
-        {"now": now, "batch": batch.id, "org": batch.organization_id},
+        {
+            "now": now,
+            "batch": batch.id,
+            "org": batch.organization_id,
+            "reason": FailureReason.INTERRUPTED.value,
+        },
     ).all()
     if rows:
         log.warning(
             "batch %s: %d deliveries interrupted mid-send marked failed", batch.id, len(rows)
         )
-    bump_counters(CounterRow(c, t, ch, "failed", now) for c, t, ch in rows)
+    metric = f"failed:{FailureReason.INTERRUPTED}"
+    bump_counters(
+        CounterRow(c, t, ch, name, now) for c, t, ch in rows for name in ("failed", metric)
+    )
 
 
 def tick(now: datetime | None = None) -> dict[str, int]:
