@@ -383,7 +383,7 @@ def run_baseline(org_id: int, template_id: int, count: int) -> dict[str, Any]:
         )
         db.session.add(request)
         db.session.flush()
-        planner = Planner(request)
+        planner = Planner(request, write_in_app_sent=False)  # queued, for one job each
         for start in range(0, len(ids), 1000):
             planner.plan_batch(ids[start : start + 1000])
             db.session.commit()

@@ -24,9 +24,10 @@ def test_old_events_and_batches_go_deliveries_and_counters_stay(
     org, make_template, make_recipient, redis
 ):
     make_template(org, "t", CONTENT)
-    make_recipient(org, "r")
+    make_recipient(org, "r", email="r@example.com")
     with organization_scope(org.id):
-        trigger("t", to=["r"], channels=["in_app"], idempotency_key="k", actor=SYSTEM)
+        # The email goes through a channel batch (in-app items are written sent by planning).
+        trigger("t", to=["r"], channels=["in_app", "email"], idempotency_key="k", actor=SYSTEM)
     run_jobs(redis)
     with organization_scope(org.id):
         delivery = db.session.scalar(select(Delivery))
@@ -41,5 +42,5 @@ def test_old_events_and_batches_go_deliveries_and_counters_stay(
     report = apply_retention(event_days=30, now=later)
     assert report.events == 1 and report.batches == 1 and report.idempotency_keys == 1
     assert _count(DeliveryEvent) == 0 and _count(DeliveryBatch) == 0
-    assert _count(Delivery) == 1 and _count(DeliveryStat) == counters
+    assert _count(Delivery) == 2 and _count(DeliveryStat) == counters
     assert db.session.scalar(unscoped(select(SendRequest.idempotency_key))) is None

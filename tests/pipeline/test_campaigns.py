@@ -38,7 +38,10 @@ def small_batches(monkeypatch):
 @pytest.fixture
 def audience(org, make_recipient, make_template):
     make_template(org, "digest", CONTENT)
-    return [make_recipient(org, f"c{i:02d}", name=f"C{i}") for i in range(25)]
+    return [
+        make_recipient(org, f"c{i:02d}", name=f"C{i}", email=f"c{i:02d}@example.com")
+        for i in range(25)
+    ]
 
 
 def _campaign(org, **kwargs):
@@ -46,7 +49,7 @@ def _campaign(org, **kwargs):
         return create_campaign(
             "November digest",
             template_key="digest",
-            channels=["in_app"],
+            channels=kwargs.pop("channels", ["in_app"]),
             audience_type=kwargs.pop("audience_type", AudienceType.ALL),
             actor=SYSTEM,
             **kwargs,
@@ -90,15 +93,18 @@ def test_pause_stops_within_a_batch_and_resume_continues_exactly(
     with organization_scope(org.id):
         launch_campaign(campaign.id, actor=SYSTEM)
     request = _request(org, campaign)
-    plan_send_request(request.id, org.id)  # three batches of at most 10
-    first = _batches(org, request)[0]
-    assert send_batch(first, org.id).startswith("sent 10")
+    plan_send_request(request.id, org.id)  # three planning slices of at most 10
+    slices = _batches(org, request)
+    assert len(slices) == 3
+    # A slice plans its recipients and writes their in-app items sent at once.
+    assert send_batch(slices[0], org.id).startswith("planned 10 recipients")
+    assert statuses() == {"sent": 10}
     with organization_scope(org.id):
         pause_campaign(campaign.id, actor=SYSTEM)
         with pytest.raises(InvalidState):
             pause_campaign(campaign.id, actor=SYSTEM)
-    jobs()  # the queued batch jobs find the campaign paused and send nothing
-    assert statuses() == {"sent": 10, "queued": 15}
+    jobs()  # the queued slice jobs find the campaign paused and plan nothing
+    assert statuses() == {"sent": 10}
     with organization_scope(org.id):
         resume_campaign(campaign.id, actor=SYSTEM)
     jobs()
@@ -117,10 +123,10 @@ def test_pause_during_planning_resumes_from_the_cursor(org, audience, jobs, stat
     with organization_scope(org.id):
         launch_campaign(campaign.id, actor=SYSTEM)
         request = _request(org, campaign)
-        planner.plan(request.id, max_batches=1)
+        planner.plan(request.id, max_batches=1)  # one slice cut, the cursor after it
         pause_campaign(campaign.id, actor=SYSTEM)
-    jobs()  # the first batch's job finds the campaign paused
-    assert statuses() == {"queued": 10}
+    jobs()  # the first slice's job finds the campaign paused
+    assert statuses() == {}
     with organization_scope(org.id):
         resume_campaign(campaign.id, actor=SYSTEM)
     jobs()
@@ -128,20 +134,22 @@ def test_pause_during_planning_resumes_from_the_cursor(org, audience, jobs, stat
 
 
 def test_cancel_marks_the_rest_cancelled(org, audience, jobs, statuses, redis):
-    campaign = _campaign(org)
+    campaign = _campaign(org, channels=["in_app", "email"])
     with organization_scope(org.id):
         launch_campaign(campaign.id, actor=SYSTEM)
     request = _request(org, campaign)
     plan_send_request(request.id, org.id)
+    # The first slice sends its in-app items and queues its emails (not sent yet).
     send_batch(_batches(org, request)[0], org.id)
     with organization_scope(org.id):
         cancel_campaign(campaign.id, actor=SYSTEM)
         with pytest.raises(InvalidState):
             resume_campaign(campaign.id, actor=SYSTEM)
     jobs()
-    assert statuses() == {"sent": 10, "cancelled": 15}
+    # The queued emails are cancelled; the slices not planned yet never target anyone.
+    assert statuses() == {"sent": 10, "cancelled": 10}
     counts = assert_counters_match_ledger(org.id, StatScope.CAMPAIGN, campaign.id)
-    assert counts["cancelled"] == 15
+    assert counts["targeted"] == 20 and counts["cancelled"] == 10
 
 
 def _time_passes(org, campaign):
@@ -211,8 +219,8 @@ def test_redis_flushed_mid_send_loses_nothing(org, audience, jobs, statuses, red
     send_batch(_batches(org, request)[0], org.id)
     redis.flushdb()  # every queued job is gone
     assert jobs() == 0
-    assert statuses() == {"sent": 10, "queued": 15}
-    tick(datetime.now(UTC) + timedelta(minutes=5))  # the sweeper finds the orphaned batches
+    assert statuses() == {"sent": 10}
+    tick(datetime.now(UTC) + timedelta(minutes=5))  # the sweeper finds the orphaned slices
     jobs()
     assert statuses() == {"sent": 25}
     with organization_scope(org.id):

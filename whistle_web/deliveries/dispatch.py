@@ -237,7 +237,8 @@ class ChannelContext:
 
 
 def run_batch(batch_id: int) -> str:
-    """Send everything of one batch that is due. Returns what happened (for the job log)."""
+    """Send everything of one batch that is due, or plan a planning slice (see
+    planner.cut_slices). Returns what happened (for the job log)."""
     batch = db.session.get(DeliveryBatch, batch_id)
     if batch is None or batch.status == BatchStatus.DONE:
         return "nothing to do"
@@ -256,9 +257,15 @@ def run_batch(batch_id: int) -> str:
     batch.attempts += 1
     batch.heartbeat_at = datetime.now(UTC)
     db.session.commit()
+    if batch.channel is None:  # a planning slice
+        from whistle_web.deliveries.planner import plan_slice
+
+        outcome = plan_slice(batch, request)
+        check_completion(request_id)
+        return outcome
 
     context = ChannelContext.load(request, Channel(batch.channel))
-    stored = _stored_provider(context)
+    stored = stored_provider(context)
     stored_id = stored.id if stored is not None else None
     limit = CHUNK_SIZE[context.channel]
     sent = 0
@@ -392,7 +399,7 @@ def _render_all(
         if data is None:
             data = parsed[row.data_json] = json.loads(row.data_json) or {}
         try:
-            content = context.render(_render_context(row, context, data))
+            content = context.render(render_context(row, context, data))
             built = _messages(row, content, context, devices, data)  # the layout may fail
         except RenderError as error:
             failures.append(SendResult.failed(row.id, f"template error: {error}"))
@@ -405,7 +412,7 @@ def _render_all(
     return messages, rendered, failures
 
 
-def _stored_provider(context: ChannelContext) -> Provider | None:
+def stored_provider(context: ChannelContext) -> Provider | None:
     """The in-app provider when the batch can take the store-then-publish path.
 
     A rate-limited in-app provider keeps the general path (it paces the sends).
@@ -508,18 +515,26 @@ def store_and_publish(
     _heartbeat(batch_id)
     bump_counters(counters)  # last: the counter rows stay locked only until the commit
     db.session.commit()
-    if messages:
-        # Stored and committed: a publish that fails only delays the item to the next fetch.
-        with provider_class(ProviderKind.IN_APP)({}, {}, redis=get_redis()) as impl:
-            missed = [r for r in impl.send_batch(messages) if not r.ok]
-        if missed:
-            log.warning(
-                "batch %s: %d in-app items stored but not pushed live: %s",
-                batch_id,
-                len(missed),
-                missed[0].error,
-            )
+    publish_stored(messages, f"batch {batch_id}")
     return len(rows), len(messages), rows[-1].id
+
+
+def publish_stored(messages: list[Message], label: str) -> None:
+    """Publish in-app items already stored as sent and committed (after the commit only).
+
+    A publish that fails only delays the item to the widget's next fetch or resume.
+    """
+    if not messages:
+        return
+    with provider_class(ProviderKind.IN_APP)({}, {}, redis=get_redis()) as impl:
+        missed = [r for r in impl.send_batch(messages) if not r.ok]
+    if missed:
+        log.warning(
+            "%s: %d in-app items stored but not pushed live: %s",
+            label,
+            len(missed),
+            missed[0].error,
+        )
 
 
 def _counted(rows: Any, org_id: int, metric: str, at: datetime) -> list[CounterRow]:
@@ -569,7 +584,7 @@ def recipient_context(recipient: Any) -> dict[str, Any]:
     }
 
 
-def _render_context(row: Any, context: ChannelContext, data: dict[str, Any]) -> dict[str, Any]:
+def render_context(row: Any, context: ChannelContext, data: dict[str, Any]) -> dict[str, Any]:
     from whistle_web.tracking import links
 
     return {

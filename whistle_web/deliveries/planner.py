@@ -16,24 +16,32 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import BigInteger, Text, any_, cast, func, literal, select, text, true
+from sqlalchemy import BigInteger, Text, any_, cast, func, literal, select, text, true, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from whistle_web.audiences.models import Segment, Subscription
 from whistle_web.audiences.segments import compile_rules
 from whistle_web.campaigns.models import Campaign, CampaignStatus
+from whistle_web.channels.base import Message
 from whistle_web.channels.kinds import PUSH_DEVICE_KINDS, Channel
 from whistle_web.channels.models import Provider
+from whistle_web.deliveries.dispatch import (
+    ChannelContext,
+    publish_stored,
+    render_context,
+    stored_provider,
+)
 from whistle_web.deliveries.ledger import CounterRow, bump_counters
-from whistle_web.deliveries.models import Delivery, DeliveryBatch
+from whistle_web.deliveries.models import BatchStatus, Delivery, DeliveryBatch
 from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause
 from whistle_web.extensions import db
 from whistle_web.message_templates.models import Template, TemplateVersion
+from whistle_web.message_templates.rendering import RenderError
 from whistle_web.notifications.models import SendRequest, SendRequestStatus
 from whistle_web.organizations.models import Organization
 from whistle_web.preferences.models import Category, Preference, Suppression
@@ -55,12 +63,6 @@ CHANNEL_BATCH_SIZE = {
 }
 ADDRESSED = {Channel.EMAIL: "email", Channel.SMS: "phone"}
 PrefKey = tuple[int | None, str | None]  # (category id or None, channel or None)
-
-
-@dataclass(frozen=True)
-class PlannedBatch:
-    batch_ids: list[int]
-    recipients: int
 
 
 def audience_condition(request: SendRequest) -> Any:
@@ -120,7 +122,8 @@ def text_array(values: Iterable[Any]) -> str:
 
 # Notifications and deliveries of one batch in one statement: the arrays are bound once,
 # notifications already planned by an earlier run of this batch are skipped (and so are their
-# deliveries), and what was written comes back aggregated for the counters and batch sizes.
+# deliveries), and what was written comes back aggregated for the counters and batch sizes,
+# with the ids of the in-app items written as sent (to publish them after the commit).
 _INSERT_BATCH = text(
     """
 WITH n AS (
@@ -133,25 +136,41 @@ WITH n AS (
     RETURNING id, recipient_id
 ), d AS (
     INSERT INTO deliveries
-        (organization_id, notification_id, recipient_id, campaign_id, template_id, batch_id,
-         channel, status, suppression_reason, address, not_before)
-    SELECT :org, n.id, v.recipient_id, :campaign, :template, v.batch_id,
-           v.channel, v.status, v.reason, v.address, v.not_before
-    FROM unnest(
-        CAST(:d_recipients AS bigint[]),
-        CAST(:d_channels AS text[]),
-        CAST(:d_statuses AS text[]),
-        CAST(:d_reasons AS text[]),
-        CAST(:d_addresses AS text[]),
-        CAST(:d_not_before AS timestamptz[]),
-        CAST(:d_batches AS bigint[])
+        (id, organization_id, notification_id, recipient_id, campaign_id, template_id,
+         batch_id, channel, status, suppression_reason, address, not_before,
+         provider_id, rendered, attempts, sent_at, inbox_seq)
+    SELECT coalesce(v.id, nextval('deliveries_id_seq')), :org, n.id, v.recipient_id,
+           :campaign, :template, v.batch_id, v.channel, v.status, v.reason, v.address,
+           v.not_before,
+           CASE WHEN v.status = 'sent' THEN CAST(:provider AS bigint) END,
+           nullif(v.rendered, 'null'),
+           CASE WHEN v.status = 'sent' THEN 1 ELSE 0 END,
+           CASE WHEN v.status = 'sent' THEN now() END,
+           CASE WHEN v.status = 'sent' THEN nextval('inbox_seq') END
+    FROM ROWS FROM (
+        unnest(CAST(:d_recipients AS bigint[])),
+        unnest(CAST(:d_channels AS text[])),
+        unnest(CAST(:d_statuses AS text[])),
+        unnest(CAST(:d_reasons AS text[])),
+        unnest(CAST(:d_addresses AS text[])),
+        unnest(CAST(:d_not_before AS timestamptz[])),
+        unnest(CAST(:d_batches AS bigint[])),
+        unnest(CAST(:d_ids AS bigint[])),
+        jsonb_array_elements(CAST(:d_rendered AS jsonb))
     ) WITH ORDINALITY AS v(recipient_id, channel, status, reason, address, not_before,
-                           batch_id, ord)
+                           batch_id, id, rendered, ord)
     JOIN n ON n.recipient_id = v.recipient_id
     ORDER BY v.ord
-    RETURNING channel, status, suppression_reason, batch_id
+    RETURNING id, notification_id, recipient_id, channel, status, suppression_reason,
+              batch_id, inbox_seq, created_at
 )
-SELECT channel, status, suppression_reason, batch_id, count(*) FROM d GROUP BY 1, 2, 3, 4
+SELECT channel, status, suppression_reason, batch_id, count(*),
+       array_agg(id) FILTER (WHERE status = 'sent'),
+       array_agg(notification_id) FILTER (WHERE status = 'sent'),
+       array_agg(recipient_id) FILTER (WHERE status = 'sent'),
+       array_agg(inbox_seq) FILTER (WHERE status = 'sent'),
+       min(created_at)
+FROM d GROUP BY 1, 2, 3, 4
 """
 )
 # What the rules need of each recipient.
@@ -164,24 +183,74 @@ PLANNING_COLUMNS = (
     Recipient.quiet_hours_start,
     Recipient.quiet_hours_end,
 )
+# What rendering an in-app item needs of each recipient besides PLANNING_COLUMNS.
+RENDER_COLUMNS = (Recipient.external_id, Recipient.name, Recipient.locale, Recipient.attributes)
 
+
+# Recipients being planned are read FOR KEY SHARE: an erasure (which deletes the row) waits
+# for the planner's commit and then anonymises what it wrote. The ledger has no per-row
+# foreign keys to recipients (migration 0009): this lock is its guard, at a fraction of the
+# cost.
+HOLD: dict[str, Any] = {"read": True, "key_share": True, "of": Recipient}
 
 # Triggers to this many listed recipients are sent by their planning job (see plan()).
 INLINE_RECIPIENTS = 20
 
 
-def next_batch(request: SendRequest, condition: Any, limit: int = BATCH_SIZE) -> list[Any]:
+def next_batch(
+    request: SendRequest,
+    condition: Any,
+    limit: int = BATCH_SIZE,
+    columns: Sequence[Any] = PLANNING_COLUMNS,
+) -> list[Any]:
     """The next recipients after the cursor (with what the rules need), in id order."""
-    stmt = select(*PLANNING_COLUMNS).where(Recipient.id > request.cursor_recipient_id, condition)
+    stmt = select(*columns).where(Recipient.id > request.cursor_recipient_id, condition)
     if request.max_recipient_id is not None:
         stmt = stmt.where(Recipient.id <= request.max_recipient_id)
-    return list(db.session.execute(stmt.order_by(Recipient.id).limit(limit)))
+    return list(
+        db.session.execute(stmt.order_by(Recipient.id).limit(limit).with_for_update(**HOLD))
+    )
+
+
+@dataclass(slots=True)
+class _RenderRow:
+    """What :func:`~whistle_web.deliveries.dispatch.render_context` reads of a delivery."""
+
+    id: int | None
+    recipient_id: int
+    external_id: str
+    email: str | None
+    phone: str | None
+    name: str | None
+    locale: str | None
+    timezone: str | None
+    attributes: dict[str, Any] | None
+
+
+@dataclass
+class PlannedBatch:
+    batch_ids: list[int]
+    recipients: int
+    # In-app items written as sent: to publish once the transaction has committed.
+    published: list[Message] = field(default_factory=list)
 
 
 class Planner:
-    """Plans one send request inside its organization's scope."""
+    """Plans one send request inside its organization's scope.
 
-    def __init__(self, request: SendRequest, now: datetime | None = None) -> None:
+    In-app deliveries due now are rendered here and written ``sent`` in the planning
+    statement itself when the in-app provider is the plain unlimited one: the row is the
+    inbox item (DESIGN.md: "stored, then published"), so a channel job would only read it
+    back, render it and update it. They are published after the caller's commit
+    (``PlannedBatch.published``). A delivery whose template fails to render is queued as
+    usual, and its channel job records the error. ``write_in_app_sent=False`` queues them
+    all for the channel jobs instead (the broadcast benchmark's one-job-per-recipient
+    baseline needs them queued).
+    """
+
+    def __init__(
+        self, request: SendRequest, now: datetime | None = None, *, write_in_app_sent: bool = True
+    ) -> None:
         self.request = request
         self.now = now or datetime.now(UTC)
         self.template = db.session.get(Template, request.template_id)
@@ -198,18 +267,27 @@ class Planner:
         self.frequency_cap = int(cap) if isinstance(cap, int) and cap > 0 else None
         self.condition = audience_condition(request)
         self._push_device_kinds: set[str] | None = None  # loaded when first needed
+        self.in_app: ChannelContext | None = None
+        self.in_app_provider_id: int | None = None
+        if write_in_app_sent and Channel.IN_APP in self.channels:
+            context = ChannelContext.load(request, Channel.IN_APP)
+            provider = stored_provider(context)
+            if provider is not None:
+                self.in_app, self.in_app_provider_id = context, provider.id
+        self.columns = PLANNING_COLUMNS + (RENDER_COLUMNS if self.in_app else ())
 
     def plan_batch(self, recipient_ids: list[int]) -> PlannedBatch:
         """Write notifications, deliveries and channel batches for these recipients."""
         recipients = db.session.execute(
-            select(*PLANNING_COLUMNS)
+            select(*self.columns)
             .where(Recipient.id == any_(id_array(recipient_ids)))
             .order_by(Recipient.id)
+            .with_for_update(**HOLD)
         ).all()
         return self.plan_recipients(recipients)
 
     def plan_recipients(self, recipients: Sequence[Any]) -> PlannedBatch:
-        """Plan recipient rows (``PLANNING_COLUMNS``): one statement writes everything."""
+        """Plan recipient rows (``self.columns``): one statement writes everything."""
         if not recipients:
             return PlannedBatch([], 0)
         recipient_ids = [r.id for r in recipients]
@@ -226,8 +304,8 @@ class Planner:
         d_addresses: list[str | None] = []
         d_not_before: list[str | None] = []
         d_batched: list[tuple[Channel, int] | None] = []  # (channel, job number)
-        batched: Counter[Channel] = Counter()
-        job_size = {c: CHANNEL_BATCH_SIZE.get(c, BATCH_SIZE) for c in self.channels}
+        # In-app deliveries due now, to render here: (entry index, recipient row).
+        in_app_now: list[tuple[int, Any]] = []
         addressed = [(c, ADDRESSED.get(c)) for c in self.channels]
         queued, suppressed_status = DeliveryStatus.QUEUED.value, DeliveryStatus.SUPPRESSED.value
         for recipient in recipients:
@@ -250,14 +328,28 @@ class Planner:
                     not_before, timed = self._not_before(recipient), True
                 d_statuses.append(queued)
                 d_reasons.append(None)
+                d_batched.append(None)  # set below for those that go to a channel job
                 if not_before is None:
                     d_not_before.append(None)
-                    d_batched.append((channel, batched[channel] // job_size[channel]))
-                    batched[channel] += 1
+                    if channel == Channel.IN_APP and self.in_app is not None:
+                        in_app_now.append((len(d_batched) - 1, recipient))
+                    else:
+                        d_batched[-1] = (channel, 0)
                 else:
                     d_not_before.append(not_before.isoformat())
-                    d_batched.append(None)
 
+        d_ids: list[int | None] = [None] * len(d_recipients)
+        d_rendered: list[dict[str, Any] | None] = [None] * len(d_recipients)
+        contents = self._render_in_app(in_app_now, d_ids, d_rendered, d_statuses, d_batched)
+
+        # Channel jobs of at most CHANNEL_BATCH_SIZE deliveries each, in entry order.
+        batched: Counter[Channel] = Counter()
+        job_size = {c: CHANNEL_BATCH_SIZE.get(c, BATCH_SIZE) for c in self.channels}
+        for index, entry in enumerate(d_batched):
+            if entry is not None:
+                channel = entry[0]
+                d_batched[index] = (channel, batched[channel] // job_size[channel])
+                batched[channel] += 1
         batches: dict[tuple[Channel, int], DeliveryBatch] = {}
         for channel, count in batched.items():
             size = job_size[channel]
@@ -281,6 +373,7 @@ class Planner:
                 "template": self.request.template_id,
                 "category": category_id,
                 "data": json.dumps(self.request.data or {}),
+                "provider": self.in_app_provider_id,
                 "recipients": "{" + ",".join(map(str, recipient_ids)) + "}",
                 "d_recipients": "{" + ",".join(map(str, d_recipients)) + "}",
                 "d_channels": "{" + ",".join(d_channels) + "}",
@@ -289,13 +382,16 @@ class Planner:
                 "d_addresses": text_array(d_addresses),
                 "d_not_before": "{" + ",".join(t or "NULL" for t in d_not_before) + "}",
                 "d_batches": "{" + ",".join(batch_of[k] if k else "NULL" for k in d_batched) + "}",
+                "d_ids": "{" + ",".join("NULL" if i is None else str(i) for i in d_ids) + "}",
+                "d_rendered": json.dumps(d_rendered, separators=(",", ":")),
             },
         ).all()
 
         counters: list[CounterRow] = []
         sizes: Counter[int] = Counter()
+        published: list[Message] = []
         campaign_id, template_id = self.request.campaign_id, self.request.template_id
-        for channel, status, reason, batch_id, count in written:
+        for channel, status, reason, batch_id, count, *sent_rows in written:
             row = CounterRow(campaign_id, template_id, channel, "targeted", self.now, count)
             counters.append(row)
             if status == suppressed_status:
@@ -307,10 +403,15 @@ class Planner:
                         campaign_id, template_id, channel, f"suppressed:{reason}", self.now, count
                     )
                 )
-            else:
+                continue
+            counters.append(
+                CounterRow(campaign_id, template_id, channel, "queued", self.now, count)
+            )
+            if status == DeliveryStatus.SENT.value:
                 counters.append(
-                    CounterRow(campaign_id, template_id, channel, "queued", self.now, count)
+                    CounterRow(campaign_id, template_id, channel, "sent", self.now, count)
                 )
+                published += self._in_app_messages(sent_rows, contents)
             if batch_id is not None:
                 sizes[batch_id] += count
         created = []
@@ -323,7 +424,92 @@ class Planner:
                 batch.size = size
             created.append(batch.id)
         bump_counters(counters)
-        return PlannedBatch(created, len(recipients))
+        return PlannedBatch(created, len(recipients), published)
+
+    # --- in-app items written as sent -------------------------------------------------
+    def _render_in_app(
+        self,
+        entries: list[tuple[int, Any]],
+        d_ids: list[int | None],
+        d_rendered: list[dict[str, Any] | None],
+        d_statuses: list[str],
+        d_batched: list[tuple[Channel, int] | None],
+    ) -> dict[int, tuple[str, dict[str, Any]]]:
+        """Render in-app items due now into the entry columns; mark them sent.
+
+        Returns:
+            recipient id → (external id, content), for the published frames. An item that
+            fails to render goes to a channel job instead, which records the error.
+        """
+        context = self.in_app
+        if context is None or not entries:
+            return {}
+        ids: list[int | None] = [None] * len(entries)
+        template = context.channel_template
+        if template is None or template.uses_unsubscribe_url:  # the link names the delivery
+            ids = list(
+                db.session.scalars(
+                    text("SELECT nextval('deliveries_id_seq') FROM generate_series(1, :n)"),
+                    {"n": len(entries)},
+                )
+            )
+        data = self.request.data or {}
+        sent = DeliveryStatus.SENT.value
+        contents: dict[int, tuple[str, dict[str, Any]]] = {}
+        for (index, r), delivery_id in zip(entries, ids, strict=True):
+            row = _RenderRow(
+                delivery_id,
+                r.id,
+                r.external_id,
+                r.email,
+                r.phone,
+                r.name,
+                r.locale,
+                r.timezone,
+                r.attributes,
+            )
+            try:
+                content = context.render(render_context(row, context, data))
+            except RenderError:
+                d_batched[index] = (Channel.IN_APP, 0)
+                continue
+            d_ids[index] = delivery_id
+            d_rendered[index] = content
+            d_statuses[index] = sent
+            contents[r.id] = (r.external_id, content)
+        return contents
+
+    def _in_app_messages(
+        self, sent_rows: Sequence[Any], contents: dict[int, tuple[str, dict[str, Any]]]
+    ) -> list[Message]:
+        """The frames to publish for the in-app rows the statement wrote as sent."""
+        delivery_ids, notification_ids, recipient_ids, seqs, created_at = sent_rows
+        org_id = require_organization_id()
+        data = self.request.data or {}
+        created = created_at.isoformat()
+        messages = []
+        for delivery_id, notification_id, recipient_id, seq in zip(
+            delivery_ids, notification_ids, recipient_ids, seqs, strict=True
+        ):
+            external_id, content = contents[recipient_id]
+            messages.append(
+                Message(
+                    delivery_id,
+                    Channel.IN_APP,
+                    external_id,
+                    content,
+                    meta={
+                        "organization_id": org_id,
+                        "recipient_id": recipient_id,
+                        "external_id": external_id,
+                        "notification_id": notification_id,
+                        "data": data,
+                        "created_at": created,
+                        "seq": seq,
+                    },
+                )
+            )
+        return messages
 
     # --- rules ------------------------------------------------------------------------
     def _suppression(
@@ -731,6 +917,11 @@ def plan(
 ) -> list[int]:
     """Plan a send request from its cursor to the end (or a pause). Commits per batch.
 
+    An audience of more than one batch is cut into planning slices instead (see
+    :func:`cut_slices`), planned by all workers at once. A smaller one is planned here,
+    one batch per transaction; its in-app items written as sent are published after each
+    commit.
+
     With ``run_inline``, a trigger to at most :data:`INLINE_RECIPIENTS` listed recipients
     has its channel batches handed to ``run_inline`` after the commit instead of being
     enqueued: the planning job sends them itself, one job hop (and its latency) fewer for
@@ -738,7 +929,7 @@ def plan(
     sweeper still finishes them if the job dies.
 
     Returns:
-        Ids of the channel batches created, to be enqueued by the caller.
+        Ids of the channel batches (or planning slices) created, enqueued already.
     """
     request = db.session.get(SendRequest, send_request_id)
     if request is None or request.status in (
@@ -751,13 +942,16 @@ def plan(
         return []
     planner = Planner(request)
     request.status = SendRequestStatus.PLANNING
+    size = batch_size or BATCH_SIZE
+    if _more_than(request, planner.condition, size):
+        return cut_slices(request, planner.condition, size, max_slices=max_batches)
     created: list[int] = []
     done = 0
     while max_batches is None or done < max_batches:
         if _campaign_halted(request):
             db.session.commit()
             return created
-        recipients = next_batch(request, planner.condition, batch_size or BATCH_SIZE)
+        recipients = next_batch(request, planner.condition, size, planner.columns)
         if not recipients:
             request.status = SendRequestStatus.PLANNED
             request.planned_at = datetime.now(UTC)
@@ -768,6 +962,7 @@ def plan(
         request.planned_count += result.recipients
         request.heartbeat_at = datetime.now(UTC)
         db.session.commit()
+        publish_stored(result.published, f"send request {request.id}")
         created += result.batch_ids
         if result.batch_ids:
             if run_inline is not None and _small_trigger(request):
@@ -778,6 +973,117 @@ def plan(
                 enqueue_batches(result.batch_ids, campaign=request.campaign_id is not None)
         done += 1
     return created
+
+
+# Planning slices created per transaction (and enqueued together after it).
+SLICES_PER_COMMIT = 10
+
+
+def _more_than(request: SendRequest, condition: Any, size: int) -> bool:
+    """Whether more than ``size`` recipients are left after the cursor."""
+    stmt = select(Recipient.id).where(Recipient.id > request.cursor_recipient_id, condition)
+    if request.max_recipient_id is not None:
+        stmt = stmt.where(Recipient.id <= request.max_recipient_id)
+    return db.session.scalar(stmt.order_by(Recipient.id).offset(size).limit(1)) is not None
+
+
+def cut_slices(
+    request: SendRequest, condition: Any, size: int, *, max_slices: int | None = None
+) -> list[int]:
+    """Cut the rest of the audience into planning slices of ``size`` recipients, enqueued
+    as they are committed; the request is ``planned`` once the last one is cut.
+
+    Each slice is a :class:`DeliveryBatch` without a channel holding a recipient id range;
+    its job (:func:`plan_slice`) applies the rules to the recipients in that range and
+    writes them in one transaction, so slices are planned in parallel by every worker and
+    each one is planned exactly once. The cursor moves in the transaction that records the
+    slices: a slicer that dies resumes after the last committed slice.
+
+    Returns:
+        Ids of the slices created.
+    """
+    from workers.sending import enqueue_batches
+
+    created: list[int] = []
+    while max_slices is None or len(created) < max_slices:
+        if _campaign_halted(request):
+            db.session.commit()
+            return created
+        slices: list[DeliveryBatch] = []
+        finished = False
+        for _ in range(SLICES_PER_COMMIT):
+            ids = select(Recipient.id).where(Recipient.id > request.cursor_recipient_id, condition)
+            if request.max_recipient_id is not None:
+                ids = ids.where(Recipient.id <= request.max_recipient_id)
+            window = ids.order_by(Recipient.id).limit(size).subquery()
+            last, count = db.session.execute(
+                select(func.max(window.c.id), func.count()).select_from(window)
+            ).one()
+            if last is None:
+                finished = True
+                break
+            slices.append(
+                DeliveryBatch(
+                    send_request_id=request.id,
+                    channel=None,
+                    first_recipient_id=request.cursor_recipient_id,
+                    last_recipient_id=last,
+                    size=count,
+                )
+            )
+            request.cursor_recipient_id = last
+            if max_slices is not None and len(created) + len(slices) >= max_slices:
+                break
+        db.session.add_all(slices)
+        request.heartbeat_at = datetime.now(UTC)
+        if finished:
+            request.status = SendRequestStatus.PLANNED
+            request.planned_at = datetime.now(UTC)
+        db.session.flush()
+        ids_created = [s.id for s in slices]
+        db.session.commit()
+        created += ids_created
+        enqueue_batches(ids_created, campaign=request.campaign_id is not None)
+        if finished:
+            break
+    return created
+
+
+def plan_slice(batch: DeliveryBatch, request: SendRequest) -> str:
+    """Plan one slice's recipients in one transaction (with the slice marked done), then
+    publish its in-app items and enqueue its channel batches.
+
+    All or nothing: a job that dies before the commit leaves the slice open for the
+    sweeper, and planning it again writes it once (nothing was written).
+    """
+    planner = Planner(request)
+    recipients = db.session.execute(
+        select(*planner.columns)
+        .where(
+            Recipient.id > batch.first_recipient_id,
+            Recipient.id <= batch.last_recipient_id,
+            planner.condition,
+        )
+        .order_by(Recipient.id)
+        .with_for_update(**HOLD)
+    ).all()
+    result = planner.plan_recipients(recipients)
+    batch.status = BatchStatus.DONE
+    batch.finished_at = datetime.now(UTC)
+    # Last before the commit: concurrent slices wait on the request's row only briefly.
+    db.session.execute(
+        update(SendRequest)
+        .where(SendRequest.id == request.id)
+        .values(planned_count=SendRequest.planned_count + result.recipients)
+        .execution_options(synchronize_session=False)
+    )
+    db.session.commit()
+    publish_stored(result.published, f"slice {batch.id}")
+    if result.batch_ids:
+        from workers.sending import enqueue_batches
+
+        enqueue_batches(result.batch_ids, campaign=request.campaign_id is not None)
+    return f"planned {len(recipients)} recipients; {len(result.batch_ids)} channel batches"
 
 
 def _small_trigger(request: SendRequest) -> bool:

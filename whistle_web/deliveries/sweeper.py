@@ -183,6 +183,15 @@ def sweep_batches(now: datetime) -> int:
         if not running_dead and job_alive(batch_job_id(batch.id), started_counts=False):
             continue
         with organization_scope(batch.organization_id):
+            if batch.channel is None:
+                # A planning slice commits all of its work at once: plan it (again).
+                batch.status = BatchStatus.PENDING
+                batch.heartbeat_at = now  # not swept again before STALE_AFTER
+                is_campaign = db.session.get(SendRequest, batch.send_request_id).campaign_id
+                db.session.commit()
+                enqueue_batches([batch.id], campaign=is_campaign is not None)
+                revived += 1
+                continue
             if running_dead:
                 _fail_interrupted(batch, now)
             due = db.session.scalar(
