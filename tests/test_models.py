@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from tests.factories import SYSTEM
 from whistle_web.channels.kinds import Channel, ProviderKind
 from whistle_web.deliveries.status import DeliveryStatus
+from whistle_web.errors import NotFound
 from whistle_web.extensions import db
 from whistle_web.models import (
     AudienceType,
@@ -113,14 +115,27 @@ def sent(org, make_recipient, make_template, make_send_request):
 
 
 def test_erasing_a_recipient_keeps_anonymised_deliveries(org, sent):
+    from whistle_web.recipients.services import erase_recipient
+
     recipient, _, _, _, delivery = sent
     with organization_scope(org.id):
-        db.session.execute(delete(Recipient).where(Recipient.id == recipient.id))
+        db.session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery.id)
+            .values(address="someone@example.com", rendered={"subject": "Hi Someone"})
+        )
+        erase_recipient(recipient.id, actor=SYSTEM)
         db.session.expire_all()
         kept = db.session.get(Delivery, delivery.id)
         assert kept is not None and kept.recipient_id is None
+        assert kept.address is None and kept.rendered is None
         assert kept.status == DeliveryStatus.DELIVERED
+        notification = db.session.get(Notification, kept.notification_id)
+        assert notification.recipient_id is None and notification.data == {}
         assert db.session.scalar(select(func.count()).select_from(Device)) == 0
+        assert db.session.get(Recipient, recipient.id) is None
+        with pytest.raises(NotFound):
+            erase_recipient(recipient.id, actor=SYSTEM)
 
 
 def test_a_template_in_use_by_a_campaign_cannot_be_deleted(org, sent):

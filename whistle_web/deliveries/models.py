@@ -89,14 +89,15 @@ class Delivery(TenantScoped, db.Model):
 
     id: Mapped[int] = mapped_column(Identity(), primary_key=True)
     notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id", ondelete="CASCADE"))
-    recipient_id: Mapped[int | None] = mapped_column(
-        ForeignKey("recipients.id", ondelete="SET NULL")
-    )
+    # NULL once the recipient is erased; no foreign key, as for Notification.recipient_id.
+    recipient_id: Mapped[int | None]
     campaign_id: Mapped[int | None]
     template_id: Mapped[int | None]
     batch_id: Mapped[int | None]
     channel: Mapped[Channel] = mapped_column(str_enum(Channel, "delivery_channel"))
-    provider_id: Mapped[int | None] = mapped_column(ForeignKey("providers.id", ondelete="SET NULL"))
+    # The provider that took it. No foreign key (a check per planned in-app item): a deleted
+    # provider's id stays, and the recipient's story shows it as deleted.
+    provider_id: Mapped[int | None]
     status: Mapped[DeliveryStatus] = mapped_column(
         str_enum(DeliveryStatus, "delivery_status"), server_default=DeliveryStatus.QUEUED.value
     )

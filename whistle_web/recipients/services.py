@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from whistle_web.errors import Actor, FieldError, NotFound, ValidationError
@@ -231,3 +231,41 @@ def iter_recipients(*conditions: Any, batch: int = 1000) -> Iterator[Recipient]:
         if len(rows) < batch:
             return
         last = rows[-1].id
+
+
+def erase_recipient(recipient_id: int, *, actor: Actor) -> None:
+    """Delete a recipient and their personal data; their deliveries stay, anonymised.
+
+    The profile, devices, preferences and subscriptions go with the row (cascades). The
+    ledger keeps every notification and delivery so funnel counts do not change, without
+    the recipient, the address, the rendered message or the send's data. The row is deleted
+    first: a planner that read it (FOR KEY SHARE) makes the delete wait until it commits, so
+    the statements after it see, and anonymise, what that planner wrote. Does not commit.
+
+    Raises:
+        NotFound: no such recipient in this organization.
+    """
+    from whistle_web.deliveries.models import Delivery
+    from whistle_web.notifications.models import Notification
+
+    deleted = db.session.scalar(
+        delete(Recipient)
+        .where(Recipient.id == recipient_id)
+        .returning(Recipient.id)
+        .execution_options(synchronize_session="fetch")
+    )
+    if deleted is None:
+        raise NotFound(f"No recipient {recipient_id}.")
+    db.session.execute(
+        update(Notification)
+        .where(Notification.recipient_id == recipient_id)
+        .values(recipient_id=None, data={})
+        .execution_options(synchronize_session=False)
+    )
+    db.session.execute(
+        update(Delivery)
+        .where(Delivery.recipient_id == recipient_id)
+        .values(recipient_id=None, address=None, rendered=None)
+        .execution_options(synchronize_session=False)
+    )
+    record_audit(actor, "recipient.erased", "recipient", recipient_id)

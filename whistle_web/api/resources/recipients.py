@@ -6,15 +6,19 @@ from datetime import datetime, time
 from typing import Any
 
 from pydantic import EmailStr, Field, field_validator
-from sqlalchemy import delete, or_, select
+from sqlalchemy import or_, select
 
 from whistle_web.api import bp
 from whistle_web.api.framework import Out, Schema, current_actor, endpoint, page
 from whistle_web.errors import NotFound
 from whistle_web.extensions import db
-from whistle_web.organizations.services import record_audit
 from whistle_web.recipients.models import Recipient
-from whistle_web.recipients.services import require_valid, upsert_recipients, validate_profile
+from whistle_web.recipients.services import (
+    erase_recipient,
+    require_valid,
+    upsert_recipients,
+    validate_profile,
+)
 
 TAGS = ["Recipients"]
 
@@ -214,6 +218,5 @@ def delete_recipient(external_id: str) -> None:
     """Personal data (profile, devices, preferences, subscriptions) is deleted; deliveries
     stay, anonymised, so funnel counts do not change."""
     recipient = get_recipient(external_id)
-    db.session.execute(delete(Recipient).where(Recipient.id == recipient.id))
-    record_audit(current_actor(), "recipient.erased", "recipient", recipient.id)
+    erase_recipient(recipient.id, actor=current_actor())
     db.session.commit()
