@@ -386,6 +386,40 @@ def test_compare_two_campaigns(login_as, org, seeded, template, make_recipient, 
     assert client.get(f"/campaigns/{seeded.id}/funnel?compare={2**70}").status_code == 404
 
 
+def test_a_comparison_stays_on_the_chosen_channel(  # type: ignore[no-untyped-def]
+    login_as, org, seeded, template, make_recipient, make_send_request
+):
+    other = make_campaign(org, "Autumn sale", channels=("email",))
+    seed(org, other, make_recipient, make_send_request, template, copies=1)  # email only
+    client = login_as(Role.VIEWER)
+    query = f"channel=in_app&compare={other.id}"
+    rows = csv_rows(client.get(f"/campaigns/{seeded.id}/funnel.csv?{query}"))
+    targeted = {
+        (int(r["campaign_id"]), r["channel"]): int(r["value"])
+        for r in rows
+        if r["section"] == "funnel" and r["metric"] == "targeted"
+    }
+    # Autumn's in-app funnel is empty, not its funnel over every channel
+    assert targeted == {
+        (seeded.id, "in_app"): ledger(org, seeded.id, "in_app")["targeted"],
+        (other.id, "in_app"): 0,
+    }
+    html = client.get(f"/campaigns/{seeded.id}/funnel?{query}").get_data(as_text=True)
+    autumn = html[html.index("<h2>Autumn sale</h2>") :]
+    assert "Nothing sent yet." in autumn[: autumn.index("</div>")]
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", " ", "-1", "1e3"])
+def test_a_compare_value_that_is_no_id_is_a_form_error(login_as, seeded, value):  # type: ignore[no-untyped-def]
+    client = login_as(Role.VIEWER)
+    page = client.get(f"/campaigns/{seeded.id}/funnel", query_string={"compare": value})
+    assert page.status_code == (200 if value == " " else 422)
+    rows = csv_rows(
+        client.get(f"/campaigns/{seeded.id}/funnel.csv", query_string={"compare": value})
+    )
+    assert {r["campaign_id"] for r in rows} == {str(seeded.id)}
+
+
 def test_csv_content(login_as, org, seeded):  # type: ignore[no-untyped-def]
     response = login_as(Role.VIEWER).get(f"/campaigns/{seeded.id}/funnel.csv")
     assert response.mimetype == "text/csv"

@@ -21,6 +21,7 @@ from whistle_web.console.access import render, requires
 from whistle_web.console.views import bp
 from whistle_web.deliveries.failures import FailureReason
 from whistle_web.deliveries.services import (
+    FUNNEL_STEPS,
     funnel_breakdown,
     funnel_series,
     funnel_span,
@@ -198,13 +199,18 @@ def _chart(series: list[dict[str, Any]], unit: str) -> dict[str, Any] | None:
     }
 
 
-def build_funnel(kind: str, subject: Any, channel: str | None = None) -> Funnel:
+def build_funnel(
+    kind: str, subject: Any, channel: str | None = None, *, keep_channel: bool = False
+) -> Funnel:
+    """The funnel of a campaign or template; narrowed to ``channel`` when it has sent on it
+    (or, with ``keep_channel``, whenever it is a channel: a comparison stays on one channel
+    even if the other campaign never used it)."""
     scope = StatScope.CAMPAIGN if kind == "campaign" else StatScope.TEMPLATE
     breakdown = funnel_breakdown(scope, subject.id)
     channels = sorted(k for k in breakdown if k != "all")
-    if channel not in channels:
+    if channel not in channels and not (keep_channel and channel in CHANNELS):
         channel = None
-    metrics = breakdown[channel or "all"]
+    metrics = breakdown.get(channel or "all") or dict.fromkeys(FUNNEL_STEPS, 0)
     result = Funnel(
         kind=kind,
         subject=subject,
@@ -267,6 +273,12 @@ def _template(template_id: int) -> Template:
     return found
 
 
+def _compare_id(value: str) -> int | None:
+    """The campaign id in ``?compare=``; None unless ASCII digits ("²".isdigit() is true)."""
+    value = value.strip()
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
 def _channel_arg() -> str | None:
     return request.args.get("channel") or None
 
@@ -276,8 +288,9 @@ def _page(kind: str, subject: Any) -> Any:
     other, compare_error = None, None
     compare_arg = request.args.get("compare", "").strip()
     if kind == "campaign" and compare_arg:
-        if compare_arg.isdigit() and int(compare_arg) != subject.id:
-            other = build_funnel(kind, _campaign(int(compare_arg)), funnel.channel)
+        compare_id = _compare_id(compare_arg)
+        if compare_id is not None and compare_id != subject.id:
+            other = build_funnel(kind, _campaign(compare_id), funnel.channel, keep_channel=True)
         else:
             compare_error = "Choose another campaign to compare with."
     choices = []
@@ -300,10 +313,12 @@ def _page(kind: str, subject: Any) -> Any:
 
 
 def _csv(kind: str, subject: Any) -> Response:
-    compare_arg = request.args.get("compare", "").strip()
+    compare_id = _compare_id(request.args.get("compare", ""))
     funnels = [build_funnel(kind, subject, _channel_arg())]
-    if kind == "campaign" and compare_arg.isdigit() and int(compare_arg) != subject.id:
-        funnels.append(build_funnel(kind, _campaign(int(compare_arg)), funnels[0].channel))
+    if kind == "campaign" and compare_id is not None and compare_id != subject.id:
+        funnels.append(
+            build_funnel(kind, _campaign(compare_id), funnels[0].channel, keep_channel=True)
+        )
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow([kind, f"{kind}_id", "section", "channel", "metric", "period", "value", "rate"])
