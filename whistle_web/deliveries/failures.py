@@ -66,7 +66,8 @@ BOUNCED_REASONS = frozenset(
 )
 
 # The texts dispatch gives failures found before any provider is asked (``_render_all``,
-# ``_send``). tests/deliveries/test_failures.py drives each path, so a changed text fails.
+# ``_send``): change them together. tests/deliveries/test_failures.py sends through the
+# template-error and no-provider paths; the other two are checked against these texts only.
 _BEFORE_SENDING = (
     ("the recipient was deleted", FailureReason.RECIPIENT_DELETED),
     ("template error:", FailureReason.TEMPLATE_ERROR),
