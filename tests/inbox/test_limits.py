@@ -160,10 +160,10 @@ def test_the_hub_resubscribes_after_redis_drops_it(live_server, inbox, jobs, red
 def test_a_server_failure_closes_1011_and_frees_the_slot(live_server, inbox, monkeypatch):
     from whistle_web.inbox import services
 
-    def broken(owner: object) -> int:
+    def broken(owner: object) -> tuple[int, int]:
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(services, "latest_seq", broken)
+    monkeypatch.setattr(services, "inbox_state", broken)
     token = token_for(inbox["org"].id, "u-1")
     with socket(live_server) as ws:
         ws.send({"type": "auth", "token": token})

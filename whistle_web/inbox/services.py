@@ -11,16 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import jwt
 from flask import current_app
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from whistle_web.api.framework import decode_cursor, encode_cursor
 from whistle_web.deliveries.ledger import record_event
 from whistle_web.deliveries.models import Delivery
 from whistle_web.errors import NotFound, ValidationError
 from whistle_web.extensions import db
-from whistle_web.inbox.outbox import IN_APP, count_unread, rfc3339
+from whistle_web.inbox.outbox import IN_APP, count_unread, rfc3339, unread_filter
 from whistle_web.notifications.models import Notification
+from whistle_web.organizations.models import Organization
 from whistle_web.preferences.services import (
     InvalidRecipientToken,
     RecipientClaims,
@@ -50,24 +52,96 @@ class InboxOwner:
     external_id: str
 
 
-def authenticate(token: str) -> tuple[InboxOwner, RecipientClaims]:
-    """Resolve a recipient token to the inbox it opens.
+@dataclass(frozen=True)
+class SocketAuth:
+    """A verified recipient token: whose inbox it opens, and who may open it."""
+
+    owner: InboxOwner
+    claims: RecipientClaims
+    allowed_origins: tuple[str, ...]
+
+
+# Built once (every socket runs them); the tenant scope is added when they execute.
+_SOCKET_AUTH = (
+    select(Organization, Recipient.id)
+    .outerjoin(
+        Recipient,
+        (Recipient.organization_id == Organization.id)
+        & (Recipient.external_id == bindparam("external_id")),
+    )
+    .where(Organization.id == bindparam("organization_id"))
+)
+_INBOX_STATE = select(
+    select(func.max(Delivery.inbox_seq))
+    .where(Delivery.recipient_id == bindparam("recipient_id"), IN_APP)
+    .scalar_subquery(),
+    select(func.count())
+    .select_from(Delivery)
+    .where(*unread_filter(bindparam("recipient_id")))
+    .scalar_subquery(),
+)
+
+
+def _unverified_subject(token: str) -> tuple[int, str] | None:
+    """The (organization, external id) a token claims, before anything is checked."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    org_id, external_id = claims.get("org"), claims.get("sub")
+    if not isinstance(org_id, int) or isinstance(org_id, bool) or not 0 < org_id < 2**63:
+        return None
+    if not isinstance(external_id, str) or not external_id or "\x00" in external_id:
+        return None
+    return org_id, external_id
+
+
+def open_socket(token: str) -> SocketAuth:
+    """Verify a recipient token and resolve its inbox, in one query.
+
+    The organization (its widget secret and allowed origins) and the recipient are read
+    together, keyed on what the token claims; the signature is then checked with that
+    organization's secret, found in the session without a second query. Nothing read is
+    used unless the token verifies.
 
     Raises:
         InvalidRecipientToken: malformed, forged or expired, or its recipient does not exist.
     """
     if not isinstance(token, str) or not token or len(token) > 4096:
         raise InvalidRecipientToken("The recipient token is not valid.")
+    claimed = _unverified_subject(token)
+    organization = recipient_id = None
+    if claimed is not None:
+        org_id, external_id = claimed
+        with organization_scope(org_id):
+            row = db.session.execute(
+                _SOCKET_AUTH, {"organization_id": org_id, "external_id": external_id}
+            ).first()
+        if row is not None:
+            # Held here, so verify_recipient_token's session.get finds it in the session.
+            organization, recipient_id = row
     claims = verify_recipient_token(token)
     if "\x00" in claims.external_id:  # signed, but names nothing PostgreSQL can store
         raise InvalidRecipientToken("The recipient token names no recipient.")
-    with organization_scope(claims.organization_id):
-        recipient_id = db.session.scalar(
-            select(Recipient.id).where(Recipient.external_id == claims.external_id)
-        )
+    if organization is None or claimed != (claims.organization_id, claims.external_id):
+        raise InvalidRecipientToken("The recipient token is not valid.")
     if recipient_id is None:
         raise InvalidRecipientToken("The recipient token names no recipient.")
-    return InboxOwner(claims.organization_id, recipient_id, claims.external_id), claims
+    return SocketAuth(
+        InboxOwner(claims.organization_id, recipient_id, claims.external_id),
+        claims,
+        tuple(organization.allowed_origins or ()),
+    )
+
+
+def authenticate(token: str) -> tuple[InboxOwner, RecipientClaims]:
+    """Resolve a recipient token to the inbox it opens.
+
+    Raises:
+        InvalidRecipientToken: malformed, forged or expired, or its recipient does not exist.
+    """
+    opened = open_socket(token)
+    return opened.owner, opened.claims
 
 
 def preferences_url(owner: InboxOwner) -> str:
@@ -131,6 +205,13 @@ def notification_frame(row: Any) -> dict[str, Any]:
 def unread_count(owner: InboxOwner) -> int:
     with organization_scope(owner.organization_id):
         return count_unread(owner.recipient_id)
+
+
+def inbox_state(owner: InboxOwner) -> tuple[int, int]:
+    """The recipient's highest sequence number and unread count, in one query."""
+    with organization_scope(owner.organization_id):
+        latest, count = db.session.execute(_INBOX_STATE, {"recipient_id": owner.recipient_id}).one()
+    return int(latest or 0), int(count or 0)
 
 
 def latest_seq(owner: InboxOwner) -> int:

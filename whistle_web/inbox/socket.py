@@ -34,7 +34,6 @@ from whistle_web.inbox import services
 from whistle_web.inbox.hub import Client, hub
 from whistle_web.inbox.services import InboxOwner
 from whistle_web.inbox.transport import InboxServer
-from whistle_web.organizations.models import Organization
 from whistle_web.preferences.services import InvalidRecipientToken, RecipientClaims
 
 log = logging.getLogger(__name__)
@@ -271,18 +270,24 @@ class InboxSocket:
             not isinstance(last_seq, int) or isinstance(last_seq, bool) or not 0 <= last_seq < 2**63
         ):
             raise Close(CLOSE_MALFORMED, "last_seq is a non-negative integer.")
+        # One database connection for the whole handshake (two queries, one more to
+        # resume), given back before the socket starts waiting. It only reads: in
+        # autocommit, without the round trips of BEGIN and ROLLBACK.
         try:
-            owner, claims = services.authenticate(frame.get("token"))  # type: ignore[arg-type]
-            organization = db.session.get(Organization, owner.organization_id)
-            allowed = list(organization.allowed_origins or []) if organization else []
-        except InvalidRecipientToken as error:
-            raise Close(CLOSE_AUTH, error.detail) from None
+            db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            self._open(origin, frame.get("token"), last_seq)
         finally:
             _release_db()
-        if not origin_allowed(origin, allowed, self.config["WHISTLE_BASE_URL"]):
+
+    def _open(self, origin: str | None, token: Any, last_seq: int | None) -> None:
+        try:
+            opened = services.open_socket(token)
+        except InvalidRecipientToken as error:
+            raise Close(CLOSE_AUTH, error.detail) from None
+        if not origin_allowed(origin, opened.allowed_origins, self.config["WHISTLE_BASE_URL"]):
             raise Close(CLOSE_ORIGIN, "This origin may not open the inbox.")
-        self.owner = owner
-        self._set_expiry(claims)
+        owner = self.owner = opened.owner
+        self._set_expiry(opened.claims)
         self.slots = SocketSlots(
             self.redis, owner, int(self.config["WHISTLE_WS_MAX_SOCKETS_PER_RECIPIENT"])
         )
@@ -293,40 +298,42 @@ class InboxSocket:
         # (an item both resumed and pushed arrives twice; clients upsert by id).
         self.client = Client(owner.organization_id, owner.recipient_id, self.ws.event)
         hub.register(self.client, self.config["REDIS_URL"])
-        if not hub.wait_subscribed(SUBSCRIBE_WAIT):
-            log.warning("ws: Redis subscription not ready; live frames may be late")
-        try:
-            self.last_seq = services.latest_seq(owner)
-            self.send(
-                {
-                    "type": "ready",
-                    "seq": self.last_seq,
-                    "unread_count": services.unread_count(owner),
-                    "recipient": owner.external_id,
-                    "preferences_url": services.preferences_url(owner),
-                    "expires_at": claims.expires_at.isoformat(),
-                }
-            )
-            if last_seq is not None:
-                self._resume(last_seq)
-        finally:
+        if not hub.subscribed.is_set():  # the process's first socket, or Redis came back
             _release_db()
+            if not hub.wait_subscribed(SUBSCRIBE_WAIT):
+                log.warning("ws: Redis subscription not ready; live frames may be late")
+        self.last_seq, unread = services.inbox_state(owner)
+        self.send(
+            {
+                "type": "ready",
+                "seq": self.last_seq,
+                "unread_count": unread,
+                "recipient": owner.external_id,
+                "preferences_url": services.preferences_url(owner),
+                "expires_at": opened.claims.expires_at.isoformat(),
+            }
+        )
+        if last_seq is not None:
+            # The count just read stays right: a change since then is already queued.
+            self._resume(last_seq, unread=unread)
 
     def _set_expiry(self, claims: RecipientClaims) -> None:
         remaining = (claims.expires_at - datetime.now(UTC)).total_seconds()
         self.expires_at = time.monotonic() + remaining
 
-    def _resume(self, last_seq: int) -> None:
+    def _resume(self, last_seq: int, *, unread: int | None = None) -> None:
         assert self.owner is not None
         frames = services.resume(self.owner, last_seq)
         if frames is None:
             self.send({"type": "reset"})
-            self.last_seq = services.latest_seq(self.owner)
+            self.last_seq, unread = services.inbox_state(self.owner)
         else:
             for frame in frames:
                 self.send(frame)
                 self.last_seq = max(self.last_seq, frame["seq"] or 0)
-        self.send({"type": "unread_count", "count": services.unread_count(self.owner)})
+        if unread is None:
+            unread = services.unread_count(self.owner)
+        self.send({"type": "unread_count", "count": unread})
 
     # --- the loop -------------------------------------------------------------------------
 
