@@ -6,8 +6,12 @@ end unless ``--keep``) and its own Redis database (flushed), seeds an organizati
 API key, an in-app template and one recipient, then drives each endpoint with the same
 number of concurrent closed-loop clients (each sends its next request when the previous one
 answered) for a fixed time after a warm-up, and reports requests/s and p50/p99 latency for
-both and the ratio trigger/health. No worker runs: triggers are accepted (202) and their
-planning jobs wait in Redis, which is what the web process does on its own.
+both and the ratio trigger/health, and where the CPU went during each.
+
+By default no worker runs: triggers are accepted (202) and their planning jobs wait in
+Redis, which is what the web process does on its own. ``--workers N`` also starts N
+Procfile workers (``flask --app wsgi whistle worker --simple``) on the same cores, so
+every trigger is planned and delivered while the web process answers.
 
 Clients are processes with threads on plain ``http.client`` keep-alive connections (light,
 so they take as little CPU from the server as possible); they share this machine with the
@@ -15,6 +19,8 @@ server, which the numbers include.
 
     .venv/bin/python bench/api.py                      # 32 clients, 10 s per endpoint
     .venv/bin/python bench/api.py --duration 20 --concurrency 64
+    .venv/bin/python bench/api.py --worker-class gthread
+    .venv/bin/python bench/api.py --workers 1          # the Procfile's worker alongside
 """
 
 from __future__ import annotations
@@ -207,6 +213,8 @@ class Gunicorn:
         )
         if self.args.web_concurrency:
             env["WEB_CONCURRENCY"] = str(self.args.web_concurrency)
+        if self.args.worker_class:
+            env["WHISTLE_WEB_WORKER_CLASS"] = self.args.worker_class
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
@@ -243,6 +251,54 @@ class Gunicorn:
         self.proc = None
 
 
+class Workers:
+    """The Procfile's ``worker`` processes, started by the bench and stopped by their pids."""
+
+    def __init__(self, args: argparse.Namespace, log_dir: Path) -> None:
+        self.args, self.log_dir = args, log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def pids(self) -> set[int]:
+        return {p.pid for p in self.procs}
+
+    def start(self) -> None:
+        import redis
+        from rq import Worker
+
+        command = [str(VENV_BIN / "flask"), "--app", "wsgi", "whistle", "worker", "--simple"]
+        for i in range(self.args.workers):
+            log = (self.log_dir / f"worker-{i}.log").open("wb")
+            self.procs.append(
+                subprocess.Popen(
+                    command, cwd=ROOT, env=service_env(self.args), stdout=log, stderr=log
+                )
+            )
+        atexit.register(self.stop)
+        connection = redis.Redis.from_url(self.args.redis_url)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if {w.pid for w in Worker.all(connection=connection)} >= self.pids:
+                return
+            if any(p.poll() is not None for p in self.procs):
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise SystemExit(f"workers did not start; see {self.log_dir}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # warm shutdown: finish the current job
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+
+
 def request_once(port: int, method: str, path: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
@@ -267,21 +323,23 @@ class Target:
 
 def client_process(
     port: int, target: Target, threads: int, measure_from: float, stop_at: float
-) -> tuple[list[float], dict[int, int], int]:
+) -> tuple[list[float], dict[int, int], int, int]:
     """Run ``threads`` closed-loop clients until ``stop_at`` (wall clock).
 
     Returns:
         Latencies (s) of requests sent and answered within the window, status counts in the
-        window, and connection errors.
+        window, connection errors, and all requests answered (warm-up included).
     """
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     errors = [0]
+    answered = [0]
     lock = threading.Lock()
 
     def run() -> None:
         mine: list[float] = []
         counts: dict[int, int] = {}
+        total = 0
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         while True:
             started_wall = time.time()
@@ -300,12 +358,14 @@ def client_process(
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                 continue
             elapsed = time.perf_counter() - started
+            total += 1
             if started_wall >= measure_from and started_wall + elapsed <= stop_at:
                 mine.append(elapsed)
                 counts[status] = counts.get(status, 0) + 1
         conn.close()
         with lock:
             latencies.extend(mine)
+            answered[0] += total
             for status, n in counts.items():
                 statuses[status] = statuses.get(status, 0) + n
 
@@ -314,7 +374,7 @@ def client_process(
         worker.start()
     for worker in workers:
         worker.join()
-    return latencies, statuses, errors[0]
+    return latencies, statuses, errors[0], answered[0]
 
 
 def drive(
@@ -329,15 +389,16 @@ def drive(
     stop_at = measure_from + duration
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    errors = 0
+    errors = answered = 0
     with ProcessPoolExecutor(max_workers=len(per_process)) as pool:
         futures = [
             pool.submit(client_process, port, target, n, measure_from, stop_at) for n in per_process
         ]
         for future in futures:
-            lat, counts, errs = future.result()
+            lat, counts, errs, total = future.result()
             latencies += lat
             errors += errs
+            answered += total
             for status, n in counts.items():
                 statuses[status] = statuses.get(status, 0) + n
     latencies.sort()
@@ -351,7 +412,108 @@ def drive(
         "max_ms": (latencies[-1] if latencies else 0.0) * 1000,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "connection_errors": errors,
+        "answered_in_phase": answered,
     }
+
+
+# --- where the CPU went ------------------------------------------------------------------
+
+
+def cpu_seconds(database_url: str, web_pid: int, worker_pids: set[int]) -> dict[str, float]:
+    """CPU time used so far: the machine, and the bench's own processes by role.
+
+    ``web`` is gunicorn's master and its workers; ``clients`` the bench process and its
+    reaped client processes; ``postgres`` the backends serving the bench's database (their
+    process title names it) while they live; ``redis`` the whole server (other users
+    included).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    busy = (sum(fields) - fields[3] - fields[4]) / tick  # all but idle and iowait
+    own = os.times()
+    used = {
+        "machine": busy,
+        "web": 0.0,
+        "workers": 0.0,
+        "clients": own.user + own.system + own.children_user + own.children_system,
+        "postgres": 0.0,
+        "redis": 0.0,
+    }
+    database = urlsplit(database_url).path.lstrip("/").encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+            title = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        rest = raw[raw.rindex(")") + 2 :].split()
+        pid, ppid = int(entry.name), int(rest[1])
+        seconds = sum(int(v) for v in rest[11:15]) / tick  # utime, stime, cutime, cstime
+        if web_pid in (pid, ppid):
+            used["web"] += seconds
+        elif pid in worker_pids or ppid in worker_pids:
+            used["workers"] += seconds
+        elif name.startswith("postgres") and b" " + database + b" " in title:
+            used["postgres"] += seconds
+        elif name.startswith("redis-server"):
+            used["redis"] += seconds
+    return used
+
+
+def wait_until_quiet(max_wait: float, busy_below: float = 0.15) -> float:
+    """Wait (up to ``max_wait`` s) for a second in which the machine is mostly idle.
+
+    Other engineers' test runs share the cores; returns the busy fraction last seen.
+    """
+
+    def busy_and_total() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)
+
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy0, total0 = busy_and_total()
+        time.sleep(1.0)
+        busy1, total1 = busy_and_total()
+        busy = (busy1 - busy0) / max(1, total1 - total0)
+        if busy < busy_below or time.monotonic() > deadline:
+            if busy >= busy_below:
+                print(f"  (machine still {busy:.0%} busy after {max_wait:.0f} s: timing anyway)")
+            return busy
+
+
+def cpu_ours(cpu: dict[str, float]) -> float:
+    return sum(cpu[k] for k in ("web", "workers", "clients", "postgres", "redis"))
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
+    """Core-seconds per role over a phase, and what nobody of the bench's used."""
+    used = {k: after[k] - before[k] for k in before}
+    ours = sum(v for k, v in used.items() if k != "machine")
+    used["everything_else"] = max(0.0, used["machine"] - ours)
+    used["busy_share"] = used["machine"] / seconds / (os.cpu_count() or 1)
+    return used
+
+
+def cpu_line(cpu: dict[str, float], answered: int) -> str:
+    machine = cpu["machine"] or 1.0
+    per = 1000 / max(1, answered)
+    return (
+        f"  CPU per request (ms, {answered:,} answered in the phase): web {cpu['web'] * per:.2f}, "
+        f"workers {cpu['workers'] * per:.2f}, clients {cpu['clients'] * per:.2f}, "
+        f"PostgreSQL {cpu['postgres'] * per:.2f}, Redis {cpu['redis'] * per:.2f}; "
+        f"all of the bench's {cpu_ours(cpu) * per:.2f}\n"
+        f"  CPU: {cpu['busy_share']:.0%} of {os.cpu_count()} cores busy; core-seconds: "
+        f"web {cpu['web']:.1f}, workers {cpu['workers']:.1f}, clients {cpu['clients']:.1f}, "
+        f"PostgreSQL backends {cpu['postgres']:.1f}, Redis {cpu['redis']:.1f}, "
+        f"everything else {cpu['everything_else']:.1f} "
+        f"({cpu['everything_else'] / machine:.0%}: WAL writer, other users of the machine)"
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -374,6 +536,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--client-processes", type=int, default=4)
     parser.add_argument(
         "--web-concurrency", type=int, default=None, help="gunicorn workers (WEB_CONCURRENCY)"
+    )
+    parser.add_argument(
+        "--worker-class",
+        choices=("gevent", "gthread"),
+        default=None,
+        help="gunicorn worker class (WHISTLE_WEB_WORKER_CLASS; gunicorn.conf.py's default)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="Procfile workers to run alongside (default 0)"
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait for an idle machine before each endpoint",
     )
     parser.add_argument(
         "--database-url", default=os.environ.get("BENCH_API_DATABASE_URL", DEFAULT_DATABASE_URL)
@@ -416,8 +593,11 @@ def main(argv: list[str] | None = None) -> None:
     api_key, org_id = seed(args)
     with tempfile.TemporaryDirectory(prefix="whistle-bench-api-") as tmp:
         server = Gunicorn(args, Path(tmp) / "gunicorn.log")
+        workers = Workers(args, Path(tmp))
         server.start()
         try:
+            if args.workers:
+                workers.start()
             health = Target("health", "GET", "/api/v1/health", None, {})
             body = {"template": "bench", "to": [RECIPIENT], "channels": ["in_app"]}
             body["data"] = {"headline": "Benchmarks"}
@@ -429,9 +609,12 @@ def main(argv: list[str] | None = None) -> None:
                 {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
             )
             print(
-                f"gunicorn on 127.0.0.1:{server.port} ({os.cpu_count()} CPUs, shared with the "
-                f"clients); {args.concurrency} clients in {args.client_processes} processes, "
-                f"{args.warmup:g} s warm-up + {args.duration:g} s per endpoint",
+                f"gunicorn ({args.worker_class or 'gunicorn.conf.py default'} worker class, "
+                f"WEB_CONCURRENCY {args.web_concurrency or 'default'}) on "
+                f"127.0.0.1:{server.port} ({os.cpu_count()} CPUs, shared with the clients); "
+                f"{args.workers} Procfile workers; {args.concurrency} clients in "
+                f"{args.client_processes} processes, {args.warmup:g} s warm-up + "
+                f"{args.duration:g} s per endpoint",
                 flush=True,
             )
             options = {
@@ -442,9 +625,20 @@ def main(argv: list[str] | None = None) -> None:
             }
             results = {}
             for target in (health, trigger):
+                wait_until_quiet(args.quiet_wait)
+                assert server.proc is not None
+                before = cpu_seconds(args.database_url, server.proc.pid, workers.pids)
+                started = time.monotonic()
                 results[target.name] = drive(server.port, target, **options)
+                # The whole phase (start-up, warm-up, window): the clients' CPU is only
+                # known once their processes have exited.
+                after = cpu_seconds(args.database_url, server.proc.pid, workers.pids)
+                cpu = cpu_split(before, after, time.monotonic() - started)
+                results[target.name]["cpu_core_seconds"] = cpu
                 report(results[target.name])
+                print(cpu_line(cpu, results[target.name]["answered_in_phase"]), flush=True)
         finally:
+            workers.stop()
             server.stop()
     accepted = results["trigger"]["statuses"].get("202", 0)
     created = count_send_requests(args, org_id)
@@ -456,7 +650,19 @@ def main(argv: list[str] | None = None) -> None:
         f"{'met' if ratio >= GOAL_RATIO else 'NOT met'}); trigger p99 {p99:.1f} ms "
         f"(goal < {GOAL_P99_MS:g} ms: {'met' if p99 < GOAL_P99_MS else 'NOT met'})"
     )
-    print(json.dumps({"results": results, "ratio": ratio}, default=str))
+    # What the ratio would be if the machine were the bench's alone: CPU per request of
+    # everything the bench runs (a disturbed run inflates both a little).
+    cost = {
+        name: cpu_ours(r["cpu_core_seconds"]) / max(1, r["answered_in_phase"])
+        for name, r in results.items()
+    }
+    cpu_ratio = cost["health"] / cost["trigger"]
+    print(
+        f"CPU per request, all the bench's processes: health {cost['health'] * 1000:.2f} ms, "
+        f"trigger {cost['trigger'] * 1000:.2f} ms; ratio health/trigger {cpu_ratio:.2f} "
+        "(the throughput ratio an undisturbed, CPU-bound run would show)"
+    )
+    print(json.dumps({"results": results, "ratio": ratio, "cpu_ratio": cpu_ratio}, default=str))
 
 
 if __name__ == "__main__":
