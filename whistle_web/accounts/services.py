@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 
 from email_validator import EmailNotValidError, validate_email
 from itsdangerous import BadData, URLSafeTimedSerializer
@@ -151,6 +152,7 @@ def revoke_api_key(api_key_id: int, *, actor: Actor) -> ApiKey:
     if key.revoked_at is None:
         key.revoked_at = datetime.now(UTC)
         record_audit(actor, "api_key.revoked", "api_key", key.id, {"prefix": key.prefix})
+    forget_api_key(key.id)
     return key
 
 
@@ -166,6 +168,90 @@ def resolve_api_key(token: str) -> ApiKey | None:
     if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
         return None
     return key
+
+
+@dataclass(frozen=True)
+class ActiveKey:
+    """What a request needs of an API key, kept per process for :data:`KEY_CACHE_SECONDS`."""
+
+    id: int
+    organization_id: int
+    prefix: str
+    scopes: frozenset[str]
+    expires_at: datetime | None
+    last_used_at: datetime | None
+
+
+# Every API request authenticates; reading the key row each time was a query per request.
+# A revocation in this process drops the entry at once (:func:`forget_api_key`); other
+# processes stop accepting the key within this many seconds.
+KEY_CACHE_SECONDS = 1.0
+KEY_CACHE_SIZE = 10_000
+TOUCH_EVERY = timedelta(minutes=1)
+_key_cache: dict[str, tuple[float, ActiveKey]] = {}
+
+
+def active_api_key(token: str) -> ActiveKey | None:
+    """:func:`resolve_api_key`, answered from this process's cache for up to a second.
+
+    Unknown keys are never cached: a key just created works at once, and guessed keys
+    cannot fill the cache.
+    """
+    if security.split_api_key(token) is None:
+        return None
+    digest = security.hash_api_key(token)
+    now = time.monotonic()
+    cached = _key_cache.get(digest)
+    if cached is None or now - cached[0] > KEY_CACHE_SECONDS:
+        key = resolve_api_key(token)
+        if key is None:
+            _key_cache.pop(digest, None)
+            return None
+        if len(_key_cache) >= KEY_CACHE_SIZE:
+            _key_cache.clear()
+        cached = (
+            now,
+            ActiveKey(
+                id=key.id,
+                organization_id=key.organization_id,
+                prefix=key.prefix,
+                scopes=frozenset(key.scopes),
+                expires_at=key.expires_at,
+                last_used_at=key.last_used_at,
+            ),
+        )
+        _key_cache[digest] = cached
+    active = cached[1]
+    if active.expires_at is not None and active.expires_at <= datetime.now(UTC):
+        return None
+    return active
+
+
+def forget_api_key(api_key_id: int) -> None:
+    """Drop a key from this process's cache (it was revoked here)."""
+    for digest, (_, active) in list(_key_cache.items()):
+        if active.id == api_key_id:
+            _key_cache.pop(digest, None)
+
+
+def record_api_key_use(active: ActiveKey) -> bool:
+    """Write ``last_used_at`` if it is over a minute old, at most once a minute per key
+    and process, and commit it (a read-only request would otherwise roll it back).
+
+    Returns:
+        Whether it was written.
+    """
+    now = datetime.now(UTC)
+    if active.last_used_at is not None and active.last_used_at > now - TOUCH_EVERY:
+        return False
+    # Mark it first: concurrent requests of this process see it and skip the write.
+    fresh = replace(active, last_used_at=now)
+    for digest, (loaded, cached) in list(_key_cache.items()):
+        if cached.id == active.id:
+            _key_cache[digest] = (loaded, fresh)
+    touch_api_key(active.id)
+    db.session.commit()
+    return True
 
 
 def touch_api_key(api_key_id: int) -> None:

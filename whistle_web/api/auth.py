@@ -19,7 +19,7 @@ from flask import current_app, g, request
 from sqlalchemy import select, update
 
 from whistle_web.accounts.models import Membership, Role, User
-from whistle_web.accounts.services import SCOPES, resolve_api_key, touch_api_key
+from whistle_web.accounts.services import SCOPES, active_api_key, record_api_key_use
 from whistle_web.accounts.services import authenticate as check_password
 from whistle_web.api.models import RefreshToken
 from whistle_web.errors import Actor, DomainError
@@ -66,15 +66,14 @@ def authenticate(scope: str | None) -> Actor:
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("Send an API key or access token as 'Authorization: Bearer <token>'.")
     if token.startswith("whk_"):
-        key = resolve_api_key(token)
+        key = active_api_key(token)
         if key is None:
             raise Unauthorized("The API key is unknown, revoked or expired.")
-        scopes, org_id = set(key.scopes), key.organization_id
+        scopes, org_id = key.scopes, key.organization_id
         actor = Actor("api_key", key.id, f"API key {key.prefix}", _client_ip())
         g.api_key_id = key.id
-        # Recorded at most once a minute: no write on the hot path of every request.
-        if key.last_used_at is None or key.last_used_at < datetime.now(UTC) - timedelta(minutes=1):
-            touch_api_key(key.id)
+        # At most once a minute: no write on the hot path of every request.
+        record_api_key_use(key)
     else:
         claims = decode_access_token(token)
         org_id = int(claims["org"])
