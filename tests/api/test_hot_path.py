@@ -1,0 +1,157 @@
+"""The trigger's hot path: what a request costs in SQL and Redis, and that its shortcuts
+(the per-process API key cache, the one-trip rate limit, plain SQL) keep the semantics."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+from sqlalchemy import event, select, update
+
+from tests.api.conftest import assert_problem
+from tests.pipeline.conftest import CONTENT
+from whistle_web.accounts import services as accounts
+from whistle_web.accounts.models import ApiKey
+from whistle_web.api import limiter
+from whistle_web.extensions import db
+from whistle_web.models import SendRequest
+from whistle_web.tenancy import organization_scope
+
+BODY = {"template": "welcome", "to": ["u-1"], "channels": ["in_app"], "data": {"a": 1}}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_key_cache():  # type: ignore[no-untyped-def]
+    accounts._key_cache.clear()
+    yield
+    accounts._key_cache.clear()
+
+
+@pytest.fixture
+def welcome(org, make_template):  # type: ignore[no-untyped-def]
+    return make_template(org, "welcome", CONTENT)
+
+
+@pytest.fixture
+def ada(org, make_recipient):  # type: ignore[no-untyped-def]
+    return make_recipient(org, "u-1", name="Ada")
+
+
+@contextmanager
+def sql_statements():  # type: ignore[no-untyped-def]
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if not statement.lstrip().upper().startswith(("SAVEPOINT", "RELEASE", "ROLLBACK")):
+            seen.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+
+
+@contextmanager
+def limiter_calls():  # type: ignore[no-untyped-def]
+    client = limiter._storage.get_connection()
+    calls: list[tuple] = []
+    original = client.execute_command
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    client.execute_command = counting
+    try:
+        yield calls
+    finally:
+        del client.execute_command
+
+
+def test_a_trigger_is_two_statements_and_one_rate_limit_call(api, welcome, ada, redis):
+    assert api.post("/notifications", json=BODY).status_code == 202  # caches the key
+    with sql_statements() as statements, limiter_calls() as calls:
+        response = api.post("/notifications", json=BODY)
+    assert response.status_code == 202, response.json
+    assert [s.split()[0] for s in statements] == ["SELECT", "INSERT"], statements
+    assert len(calls) == 1 and calls[0][0] == "EVALSHA"
+    accepted = response.json
+    assert accepted["status"] == "pending" and accepted["recipients"] == 1
+    assert accepted["template"] == "welcome" and accepted["channels"] == ["in_app"]
+
+
+def test_the_rate_limit_headers_count_down_in_one_round_trip(app, api, monkeypatch, redis):
+    monkeypatch.setitem(app.config, "WHISTLE_API_RATE_LIMIT", "3 per minute")
+    with limiter_calls() as calls:
+        responses = [api.get("/recipients") for _ in range(4)]
+    assert len(calls) == 4  # one script per request, the headers included
+    assert [r.status_code for r in responses] == [200, 200, 200, 429]
+    assert [r.headers["RateLimit-Remaining"] for r in responses] == ["2", "1", "0", "0"]
+    assert all(r.headers["RateLimit-Limit"] == "3" for r in responses)
+    resets = {int(r.headers["RateLimit-Reset"]) for r in responses}
+    assert len(resets) == 1  # the oldest hit in the window sets the reset for all
+    assert 0 < int(responses[3].headers["Retry-After"]) <= 61
+
+
+def test_a_key_revoked_by_another_process_stops_within_a_second(
+    org, api, monkeypatch, welcome, ada
+):
+    assert api.get("/recipients").status_code == 200
+    with organization_scope(org.id):
+        # What another process's revocation looks like here: the row changes, this
+        # process's cache is not told.
+        db.session.execute(update(ApiKey).values(revoked_at=db.func.now()))
+    assert api.get("/recipients").status_code == 200  # still cached
+    later = accounts.time.monotonic() + accounts.KEY_CACHE_SECONDS + 0.1
+    monkeypatch.setattr(accounts.time, "monotonic", lambda: later)
+    assert_problem(api.get("/recipients"), 401)
+    assert_problem(api.post("/notifications", json=BODY), 401)
+
+
+def test_an_expired_key_stops_at_once_even_when_cached(org, api, monkeypatch):
+    assert api.get("/recipients").status_code == 200
+    (digest,) = accounts._key_cache
+    loaded, active = accounts._key_cache[digest]
+    expired = accounts.replace(active, expires_at=accounts.datetime.now(accounts.UTC))
+    accounts._key_cache[digest] = (loaded, expired)
+    assert_problem(api.get("/recipients"), 401)
+
+
+def test_last_used_is_written_once_a_minute_and_kept(org, api):
+    with sql_statements() as statements:
+        for _ in range(3):
+            assert api.get("/recipients").status_code == 200
+    touches = [s for s in statements if s.startswith("UPDATE api_keys")]
+    assert len(touches) == 1
+    db.session.expire_all()
+    with organization_scope(org.id):
+        assert db.session.scalar(select(ApiKey.last_used_at)) is not None
+
+
+def test_the_plain_sql_lookup_stays_in_the_organization(
+    org, other_org, api, other_api, make_template, make_recipient, welcome, ada
+):
+    make_template(other_org, "welcome", {"in_app": {"title": "Theirs", "body": "x"}})
+    # Their template, but our recipient: not theirs to send to.
+    assert_problem(other_api.post("/notifications", json=BODY), 422, "to[0]")
+    make_recipient(other_org, "u-1", name="Their Ada")
+    theirs = other_api.post("/notifications", json=BODY)
+    ours = api.post("/notifications", json=BODY)
+    assert theirs.status_code == ours.status_code == 202
+    with organization_scope(org.id):
+        mine = db.session.get(SendRequest, ours.json["id"])
+        assert mine.template_id == welcome.id
+        assert mine.audience == {"type": "recipients", "ids": [ada.id]}
+        assert db.session.get(SendRequest, theirs.json["id"]) is None
+    with organization_scope(other_org.id):
+        their = db.session.get(SendRequest, theirs.json["id"])
+        assert their.template_id != welcome.id and their.audience["ids"] != [ada.id]
+
+
+def test_channels_are_checked_against_the_published_version(api, org, make_template, ada):
+    make_template(org, "mail-only", {"email": {"subject": "s", "text": "t"}})
+    body = {**BODY, "template": "mail-only"}
+    assert_problem(api.post("/notifications", json=body), 422, "channels[0]")
+    body["channels"] = ["email", "webhook"]
+    assert api.post("/notifications", json=body).status_code == 202
