@@ -143,14 +143,21 @@ def test_scheduled_send_reports_and_cancels(org, api, welcome, ada, jobs):
 
 
 def test_cancel_stops_planned_deliveries(org, api, welcome, ada, jobs):
-    accepted = _send(api)
+    accepted = _send(
+        api, to=[{"external_id": "u-2", "email": "u2@example.com"}], channels=["in_app", "email"]
+    )
     with organization_scope(org.id):
-        planner.plan(accepted["id"])  # planned only (the job would also send a small trigger)
-    assert [d.status for d in _deliveries(org)] == ["queued"]
+        # Planned only: the in-app item is written sent by planning itself, the email waits
+        # for its channel job (which the planning job would also run for a small trigger).
+        planner.plan(accepted["id"])
+    assert [(d.channel, d.status) for d in _deliveries(org)] == [
+        ("in_app", "sent"),
+        ("email", "queued"),
+    ]
     response = api.delete(f"/notifications/{accepted['id']}")
     assert response.status_code == 200 and response.json == {"cancelled": 1}
     jobs()
-    assert [d.status for d in _deliveries(org)] == ["cancelled"]
+    assert [d.status for d in _deliveries(org)] == ["sent", "cancelled"]
     assert api.delete(f"/notifications/{accepted['id']}").json == {"cancelled": 0}
     with organization_scope(org.id):
         from whistle_web.models import AuditLog

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+import redis
 from flask import current_app
 from jinja2 import TemplateError, meta
 from jinja2.runtime import new_context
@@ -32,6 +33,7 @@ from sqlalchemy import Text, cast, exists, func, select, text, update
 from whistle_web import get_redis
 from whistle_web.campaigns.models import Campaign, CampaignStatus
 from whistle_web.channels.base import Message, ProviderUnavailable, SendResult, provider_class
+from whistle_web.channels.in_app import frames_of, publish_frames
 from whistle_web.channels.kinds import PUSH_DEVICE_KINDS, Channel, ProviderKind
 from whistle_web.channels.models import Provider
 from whistle_web.channels.ratelimit import bucket_for_provider
@@ -515,25 +517,23 @@ def store_and_publish(
     _heartbeat(batch_id)
     bump_counters(counters)  # last: the counter rows stay locked only until the commit
     db.session.commit()
-    publish_stored(messages, f"batch {batch_id}")
+    publish_stored(frames_of(messages), f"batch {batch_id}")
     return len(rows), len(messages), rows[-1].id
 
 
-def publish_stored(messages: list[Message], label: str) -> None:
-    """Publish in-app items already stored as sent and committed (after the commit only).
+def publish_stored(frames: list[str], label: str) -> None:
+    """Publish in-app items already stored as sent and committed (after the commit only):
+    (channel, frame) pairs, flattened (``channels.in_app.frames_of``).
 
     A publish that fails only delays the item to the widget's next fetch or resume.
     """
-    if not messages:
+    if not frames:
         return
-    with provider_class(ProviderKind.IN_APP)({}, {}, redis=get_redis()) as impl:
-        missed = [r for r in impl.send_batch(messages) if not r.ok]
-    if missed:
+    try:
+        publish_frames(get_redis(), frames)
+    except redis.RedisError as error:
         log.warning(
-            "%s: %d in-app items stored but not pushed live: %s",
-            label,
-            len(missed),
-            missed[0].error,
+            "%s: %d in-app items stored but not pushed live: %s", label, len(frames) // 2, error
         )
 
 

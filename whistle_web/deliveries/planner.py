@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from whistle_web.audiences.models import Segment, Subscription
 from whistle_web.audiences.segments import compile_rules
 from whistle_web.campaigns.models import Campaign, CampaignStatus
-from whistle_web.channels.base import Message
+from whistle_web.channels.in_app import inbox_channel, notification_frame
 from whistle_web.channels.kinds import PUSH_DEVICE_KINDS, Channel
 from whistle_web.channels.models import Provider
 from whistle_web.deliveries.dispatch import (
@@ -231,8 +231,9 @@ class _RenderRow:
 class PlannedBatch:
     batch_ids: list[int]
     recipients: int
-    # In-app items written as sent: to publish once the transaction has committed.
-    published: list[Message] = field(default_factory=list)
+    # In-app items written as sent, (channel, frame) pairs flattened: to publish once the
+    # transaction has committed (dispatch.publish_stored).
+    published: list[str] = field(default_factory=list)
 
 
 class Planner:
@@ -389,7 +390,7 @@ class Planner:
 
         counters: list[CounterRow] = []
         sizes: Counter[int] = Counter()
-        published: list[Message] = []
+        published: list[str] = []
         campaign_id, template_id = self.request.campaign_id, self.request.template_id
         for channel, status, reason, batch_id, count, *sent_rows in written:
             row = CounterRow(campaign_id, template_id, channel, "targeted", self.now, count)
@@ -411,7 +412,7 @@ class Planner:
                 counters.append(
                     CounterRow(campaign_id, template_id, channel, "sent", self.now, count)
                 )
-                published += self._in_app_messages(sent_rows, contents)
+                published += self._in_app_frames(sent_rows, contents)
             if batch_id is not None:
                 sizes[batch_id] += count
         created = []
@@ -434,11 +435,11 @@ class Planner:
         d_rendered: list[dict[str, Any] | None],
         d_statuses: list[str],
         d_batched: list[tuple[Channel, int] | None],
-    ) -> dict[int, tuple[str, dict[str, Any]]]:
+    ) -> dict[int, dict[str, Any]]:
         """Render in-app items due now into the entry columns; mark them sent.
 
         Returns:
-            recipient id → (external id, content), for the published frames. An item that
+            recipient id → content, for the published frames. An item that
             fails to render goes to a channel job instead, which records the error.
         """
         context = self.in_app
@@ -455,7 +456,7 @@ class Planner:
             )
         data = self.request.data or {}
         sent = DeliveryStatus.SENT.value
-        contents: dict[int, tuple[str, dict[str, Any]]] = {}
+        contents: dict[int, dict[str, Any]] = {}
         for (index, r), delivery_id in zip(entries, ids, strict=True):
             row = _RenderRow(
                 delivery_id,
@@ -476,40 +477,33 @@ class Planner:
             d_ids[index] = delivery_id
             d_rendered[index] = content
             d_statuses[index] = sent
-            contents[r.id] = (r.external_id, content)
+            contents[r.id] = content
         return contents
 
-    def _in_app_messages(
-        self, sent_rows: Sequence[Any], contents: dict[int, tuple[str, dict[str, Any]]]
-    ) -> list[Message]:
-        """The frames to publish for the in-app rows the statement wrote as sent."""
+    def _in_app_frames(
+        self, sent_rows: Sequence[Any], contents: dict[int, dict[str, Any]]
+    ) -> list[str]:
+        """The (channel, frame) pairs to publish for the in-app rows written as sent."""
         delivery_ids, notification_ids, recipient_ids, seqs, created_at = sent_rows
         org_id = require_organization_id()
-        data = self.request.data or {}
+        data_json = json.dumps(self.request.data or {}, separators=(",", ":"), default=str)
         created = created_at.isoformat()
-        messages = []
+        frames: list[str] = []
         for delivery_id, notification_id, recipient_id, seq in zip(
             delivery_ids, notification_ids, recipient_ids, seqs, strict=True
         ):
-            external_id, content = contents[recipient_id]
-            messages.append(
-                Message(
+            frames.append(inbox_channel(org_id, recipient_id))
+            frames.append(
+                notification_frame(
                     delivery_id,
-                    Channel.IN_APP,
-                    external_id,
-                    content,
-                    meta={
-                        "organization_id": org_id,
-                        "recipient_id": recipient_id,
-                        "external_id": external_id,
-                        "notification_id": notification_id,
-                        "data": data,
-                        "created_at": created,
-                        "seq": seq,
-                    },
+                    notification_id,
+                    seq,
+                    contents[recipient_id],
+                    data_json,
+                    created,
                 )
             )
-        return messages
+        return frames
 
     # --- rules ------------------------------------------------------------------------
     def _suppression(

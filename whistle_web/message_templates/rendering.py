@@ -64,11 +64,17 @@ class _MessageEnvironment(ImmutableSandboxedEnvironment):
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is dict:
-            try:
-                return obj[attribute]
-            except KeyError:
-                pass
+            value = obj.get(attribute, _MISSING)
+            if value is not _MISSING:
+                return value
+            if not hasattr(dict, attribute):
+                # A missing key (``attributes.plan`` for a recipient without one): what the
+                # sandbox gives after two more failed lookups.
+                return self.undefined(obj=obj, name=attribute)
         return super().getattr(obj, attribute)
+
+
+_MISSING = object()
 
 
 def _environment(*, autoescape: bool) -> ImmutableSandboxedEnvironment:
