@@ -103,6 +103,9 @@ class Notification(TenantScoped, db.Model):
     # copies of the send request's, whose foreign keys (organization and campaign cascade,
     # template restricts) already hold them, so they are not checked again row by row.
     __tenant_fk__ = False
+    # Every read narrows by id, send request or recipient (with the tenant condition added),
+    # never by organization alone: an index on it was one more entry per planned recipient.
+    __tenant_index__ = False
 
     id: Mapped[int] = mapped_column(Identity(), primary_key=True)
     send_request_id: Mapped[int] = mapped_column(ForeignKey("send_requests.id", ondelete="CASCADE"))
