@@ -88,7 +88,10 @@ class Delivery(TenantScoped, db.Model):
     )
 
     id: Mapped[int] = mapped_column(Identity(), primary_key=True)
-    notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id", ondelete="CASCADE"))
+    # No per-row foreign key, as for Notification.send_request_id: the delivery is written in
+    # the statement that writes its notification, and deleting notifications deletes their
+    # deliveries through a statement-level trigger (migration 0011).
+    notification_id: Mapped[int]
     # NULL once the recipient is erased; no foreign key, as for Notification.recipient_id.
     recipient_id: Mapped[int | None]
     campaign_id: Mapped[int | None]

@@ -108,7 +108,10 @@ class Notification(TenantScoped, db.Model):
     __tenant_index__ = False
 
     id: Mapped[int] = mapped_column(Identity(), primary_key=True)
-    send_request_id: Mapped[int] = mapped_column(ForeignKey("send_requests.id", ondelete="CASCADE"))
+    # No per-row foreign key (its check was ~4 µs of every planned recipient): the planner
+    # only writes notifications of the request it holds, and deleting send requests deletes
+    # their notifications through a statement-level trigger (migration 0011).
+    send_request_id: Mapped[int]
     campaign_id: Mapped[int | None]
     template_id: Mapped[int | None]
     category_id: Mapped[int | None] = mapped_column(
