@@ -184,7 +184,14 @@ PLANNING_COLUMNS = (
     Recipient.quiet_hours_end,
 )
 # What rendering an in-app item needs of each recipient besides PLANNING_COLUMNS.
-RENDER_COLUMNS = (Recipient.external_id, Recipient.name, Recipient.locale, Recipient.attributes)
+# The attributes come as JSON text, parsed once per distinct value of a batch (recipients
+# often share them; the driver's JSONB loader cost ~2.4 us a row).
+RENDER_COLUMNS = (
+    Recipient.external_id,
+    Recipient.name,
+    Recipient.locale,
+    cast(Recipient.attributes, Text).label("attributes_json"),
+)
 
 
 # Recipients being planned are read FOR KEY SHARE: an erasure (which deletes the row) waits
@@ -457,7 +464,12 @@ class Planner:
         data = self.request.data or {}
         sent = DeliveryStatus.SENT.value
         contents: dict[int, dict[str, Any]] = {}
+        # Shared by the recipients with the same attributes: templates cannot change them.
+        attributes: dict[str | None, dict[str, Any]] = {None: {}}
         for (index, r), delivery_id in zip(entries, ids, strict=True):
+            parsed = attributes.get(r.attributes_json)
+            if parsed is None:
+                parsed = attributes[r.attributes_json] = json.loads(r.attributes_json) or {}
             row = _RenderRow(
                 delivery_id,
                 r.id,
@@ -467,7 +479,7 @@ class Planner:
                 r.name,
                 r.locale,
                 r.timezone,
-                r.attributes,
+                parsed,
             )
             try:
                 content = context.render(render_context(row, context, data))
