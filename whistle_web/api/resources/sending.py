@@ -240,7 +240,10 @@ class SendRequestOut(NotificationAccepted):
     audience: str
     data: dict[str, Any]
     planned: int = Field(description="Recipients planned so far.")
-    planned_at: datetime | None
+    planned_at: datetime | None = Field(
+        description="When the audience was fixed: every recipient planned, or (large sends) "
+        "in a planning slice that a worker plans in parallel; `planned` counts the done."
+    )
     cancelled_at: datetime | None
     error: str | None
     counts: DeliveryCounts
