@@ -146,11 +146,7 @@ def raise_fd_limit() -> None:
 def rss_bytes(root_pid: int) -> int:
     """Resident memory of a process and its children (the gunicorn master and workers)."""
     total = 0
-    pids = [root_pid]
-    children_file = Path(f"/proc/{root_pid}/task/{root_pid}/children")
-    if children_file.exists():
-        pids += [int(p) for p in children_file.read_text().split()]
-    for pid in pids:
+    for pid in process_tree(root_pid):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -158,6 +154,36 @@ def rss_bytes(root_pid: int) -> int:
         except FileNotFoundError:
             continue
     return total
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root_pid: int) -> list[int]:
+    pids = [root_pid]
+    children_file = Path(f"/proc/{root_pid}/task/{root_pid}/children")
+    if children_file.exists():
+        pids += [int(p) for p in children_file.read_text().split()]
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time these processes have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core spent busy so far (not idle, not waiting for I/O)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
 def post_json(port: int, path: str, body: dict[str, Any], key: str) -> int:
@@ -283,8 +309,15 @@ class Bench:
         workers.start(redis)
         try:
             idle_rss = rss_bytes(web.proc.pid)
+            web_pids = process_tree(web.proc.pid)
+            cpu_before = (cpu_seconds(web_pids), machine_busy_seconds(), time.monotonic())
             self.start_clients(f"ws://127.0.0.1:{port}/ws", tokens)
+            client_pids = [p.pid for p in self.clients if p.pid is not None]
             connected = self.gather("connected")
+            web_cpu = cpu_seconds(web_pids) - cpu_before[0]
+            busy = machine_busy_seconds() - cpu_before[1]
+            wall = time.monotonic() - cpu_before[2]
+            clients_cpu = cpu_seconds(client_pids)  # they started with this phase
             ready = sum(c[0] for c in connected)
             failed = sum(c[1] for c in connected)
             connect_s = max(c[2] for c in connected)
@@ -299,6 +332,16 @@ class Bench:
                 "ready": ready,
                 "failed": failed,
                 "connect_seconds": round(connect_s, 2),
+                "connect_per_second": round(ready / connect_s, 1) if connect_s else None,
+                # CPU while the clients started and connected (cores x seconds, and the
+                # share of the machine's 2 cores x the phase's wall time).
+                "connect_cpu": {
+                    "wall_seconds": round(wall, 2),
+                    "web_seconds": round(web_cpu, 2),
+                    "clients_seconds": round(clients_cpu, 2),
+                    "everything_else_seconds": round(max(0.0, busy - web_cpu - clients_cpu), 2),
+                    "machine_busy_share": round(busy / (wall * (os.cpu_count() or 1)), 3),
+                },
                 "connect_errors": dict(errors.most_common(5)),
                 "rss_bytes_idle": idle_rss,
                 "rss_bytes_connected": rss,
@@ -371,6 +414,7 @@ class Bench:
             database_url=self.args.database_url,
             redis_url=self.args.redis_url,
             web_concurrency=1,
+            worker_class=self.args.worker_class,
         )
 
 
@@ -414,6 +458,13 @@ def report(result: dict[str, Any]) -> None:
         f"{n:,} sockets ({result['worker_class']}): {result['ready']:,} ready, "
         f"{result['failed']:,} failed, in {result['connect_seconds']:.1f} s; web RSS "
         f"{result['rss_bytes_idle'] / 1024**2:.0f} MiB idle, {rss:.0f} MiB connected"
+    )
+    cpu = result["connect_cpu"]
+    print(
+        f"  connect + auth: {result['connect_per_second']} sockets/s; CPU during it "
+        f"({cpu['wall_seconds']:.1f} s): web {cpu['web_seconds']:.1f} s, clients "
+        f"{cpu['clients_seconds']:.1f} s, everything else {cpu['everything_else_seconds']:.1f} s "
+        f"(PostgreSQL, Redis, other users); machine {cpu['machine_busy_share']:.0%} busy"
     )
     all_s = result.get("broadcast_all_seconds")
     print(
