@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -176,3 +177,49 @@ def test_unsubscribe_links_in_in_app_items_name_their_delivery(
     token = delivery.rendered["body"].rsplit("/", 1)[-1]
     payload = verify_unsubscribe(token, secret=app.config["SECRET_KEY"])
     assert (payload.delivery_id, payload.recipient_id) == (delivery.id, recipient.id)
+
+
+@pytest.mark.committed
+def test_an_erasure_waits_for_a_planner_holding_the_recipient(
+    app, org, make_template, make_recipient
+):
+    """The planner reads its recipients FOR KEY SHARE: an erasure (no foreign key from the
+    ledger to check it) waits for the planner's commit, then anonymises what it wrote."""
+    from whistle_web.recipients.services import erase_recipient
+
+    make_template(org, "digest", CONTENT)
+    recipient_id = make_recipient(org, "gone", name="Gone", email="g@example.com").id
+    with organization_scope(org.id):
+        trigger("digest", to=["gone"], channels=["in_app"], actor=SYSTEM)
+        request_id = db.session.scalar(select(SendRequest.id))
+    db.session.commit()
+    written, release, erased = threading.Event(), threading.Event(), threading.Event()
+
+    def plan() -> None:
+        with app.app_context(), organization_scope(org.id):
+            request = db.session.get(SendRequest, request_id)
+            planner.Planner(request).plan_batch([recipient_id])
+            written.set()
+            release.wait(10)
+            db.session.commit()
+
+    def erase() -> None:
+        with app.app_context(), organization_scope(org.id):
+            erase_recipient(recipient_id, actor=SYSTEM)
+            db.session.commit()
+            erased.set()
+
+    planning = threading.Thread(target=plan)
+    planning.start()
+    assert written.wait(10)
+    erasing = threading.Thread(target=erase)
+    erasing.start()
+    assert not erased.wait(0.5)  # held by the planner's lock on the recipient
+    release.set()
+    planning.join(10)
+    erasing.join(10)
+    assert erased.is_set()
+    with organization_scope(org.id):
+        delivery = db.session.scalar(select(Delivery))
+    assert delivery.status == "sent" and delivery.recipient_id is None
+    assert delivery.rendered is None and delivery.address is None
