@@ -253,12 +253,12 @@ def feed(
         rows = db.session.execute(stmt.order_by(Delivery.id.desc()).limit(limit + 1)).all()
         more = len(rows) > limit
         rows = rows[:limit]
-        count = count_unread(owner.recipient_id)
+    seq, count = inbox_state(owner)
     return {
         "items": [item(r) for r in rows],
         "next_cursor": encode_cursor(rows[-1].id) if more and rows else None,
         "unread_count": count,
-        "seq": latest_seq(owner),
+        "seq": seq,
     }
 
 
