@@ -80,8 +80,9 @@ def init_app(app: Flask) -> None:
     app.config.setdefault("RATELIMIT_ENABLED", True)
     limiter.init_app(app)
     # init_app builds the strategy from `strategy="moving-window"`: swap in the same window
-    # counted in one Redis round trip instead of two.
-    limiter._limiter = OneTripMovingWindow(limiter._storage)
+    # counted in one Redis round trip instead of two (Redis storage only).
+    if hasattr(limiter._storage, "get_connection"):
+        limiter._limiter = OneTripMovingWindow(limiter._storage)
     global _blueprint_limited
     if not _blueprint_limited:  # the limiter is module-level: a second app must not add a
         # second limit (each would record every hit again)
