@@ -299,6 +299,39 @@ class Workers:
         self.procs = []
 
 
+def queued_jobs(args: argparse.Namespace) -> int:
+    """Jobs the workers have not picked up yet, over every queue they serve."""
+    import redis
+    from rq import Queue
+
+    from workers.queues import QUEUES
+
+    connection = redis.Redis.from_url(args.redis_url)
+    return sum(Queue(name, connection=connection).count for name in QUEUES)
+
+
+def drain(args: argparse.Namespace, web_pid: int, workers: Workers) -> dict[str, float]:
+    """Time the workers, alone now, through the jobs the trigger phase left queued."""
+    waiting = queued_jobs(args)
+    before = cpu_seconds(args.database_url, web_pid, workers.pids)
+    started = time.monotonic()
+    while queued_jobs(args) and time.monotonic() - started < 300:
+        time.sleep(0.2)
+    seconds = time.monotonic() - started
+    left = queued_jobs(args)
+    cpu = cpu_split(before, cpu_seconds(args.database_url, web_pid, workers.pids), seconds)
+    done = max(1, waiting - left)
+    print(
+        f"  drained {waiting - left:,} jobs in {seconds:.1f} s ({done / seconds:.0f} jobs/s, "
+        f"{left:,} left) with the web process idle; per job: workers "
+        f"{cpu['workers'] * 1000 / done:.2f} ms CPU, PostgreSQL {cpu['postgres'] * 1000 / done:.2f}"
+        f" ms, Redis {cpu['redis'] * 1000 / done:.2f} ms; everything else "
+        f"{cpu['everything_else']:.1f} core-s",
+        flush=True,
+    )
+    return {"jobs": waiting - left, "seconds": seconds, **cpu}
+
+
 def request_once(port: int, method: str, path: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
@@ -637,6 +670,12 @@ def main(argv: list[str] | None = None) -> None:
                 results[target.name]["cpu_core_seconds"] = cpu
                 report(results[target.name])
                 print(cpu_line(cpu, results[target.name]["answered_in_phase"]), flush=True)
+                if args.workers:
+                    waiting = queued_jobs(args)
+                    results[target.name]["jobs_waiting_after"] = waiting
+                    print(f"  jobs still queued at the end of the phase: {waiting:,}", flush=True)
+                    if waiting:
+                        results[target.name]["drain"] = drain(args, server.proc.pid, workers)
         finally:
             workers.stop()
             server.stop()
