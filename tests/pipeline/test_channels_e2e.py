@@ -624,5 +624,8 @@ def test_the_providers_rate_limit_paces_a_batch(
     assert arrived[-1] - arrived[0] >= 1.6, arrived
     assert elapsed >= 1.6
     assert elapsed < 6, "the bucket held the batch far longer than 10 tokens at 5/s need"
-    gaps = [b - a for a, b in itertools.pairwise(arrived)]
-    assert min(gaps) >= 0.1, gaps  # never two requests in one refill interval
+    # Never more requests in a window than the bucket allows: one up front plus 5/s, and one
+    # more for a request whose arrival the busy machine stamped late (its successor then
+    # follows closely; a minimum gap between two arrivals flaked under load).
+    for i, j in itertools.combinations(range(len(arrived)), 2):
+        assert j - i <= 2 + 5 * (arrived[j] - arrived[i]), (i, j, arrived)
