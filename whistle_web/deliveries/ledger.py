@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
 
 from whistle_web.channels.kinds import Channel
@@ -23,7 +23,6 @@ from whistle_web.deliveries.models import (
     Delivery,
     DeliveryEvent,
     DeliveryLinkStat,
-    DeliveryStat,
     StatScope,
 )
 from whistle_web.deliveries.status import PROGRESS, DeliveryStatus, can_transition
@@ -84,25 +83,35 @@ def bump_counters(rows: Iterable[CounterRow]) -> None:
             totals[(StatScope.TEMPLATE, row.template_id, channel, row.metric, bucket)] += row.count
     if not totals:
         return
-    values = [
+    # Sorted so concurrent writers lock counter rows in the same order (no deadlocks).
+    keys = sorted(totals)
+    db.session.execute(
+        _BUMP,
         {
-            "organization_id": org_id,
-            "scope": scope,
-            "scope_id": scope_id,
-            "channel": channel,
-            "metric": metric,
-            "bucket": bucket,
-            "value": value,
-        }
-        # Sorted so concurrent writers lock counter rows in the same order (no deadlocks).
-        for (scope, scope_id, channel, metric, bucket), value in sorted(totals.items())
-    ]
-    stmt = insert(DeliveryStat).values(values)
-    stmt = stmt.on_conflict_do_update(
-        constraint="uq_delivery_stats_key",
-        set_={"value": DeliveryStat.value + stmt.excluded.value},
+            "org": org_id,
+            "scopes": [k[0].value for k in keys],
+            "scope_ids": [k[1] for k in keys],
+            "channels": [k[2] for k in keys],
+            "metrics": [k[3] for k in keys],
+            "buckets": [k[4] for k in keys],
+            "values": [totals[k] for k in keys],
+        },
     )
-    db.session.execute(stmt)
+
+
+# One statement whatever the number of counters: its plan is prepared once (a multi-row
+# VALUES list was a new statement to compile for every count of rows).
+_BUMP = text(
+    """
+INSERT INTO delivery_stats AS s (organization_id, scope, scope_id, channel, metric, bucket, value)
+SELECT :org, v.scope, v.scope_id, v.channel, v.metric, v.bucket, v.value
+FROM unnest(CAST(:scopes AS text[]), CAST(:scope_ids AS bigint[]), CAST(:channels AS text[]),
+            CAST(:metrics AS text[]), CAST(:buckets AS timestamptz[]), CAST(:values AS bigint[]))
+     WITH ORDINALITY AS v(scope, scope_id, channel, metric, bucket, value, ord)
+ORDER BY v.ord
+ON CONFLICT ON CONSTRAINT uq_delivery_stats_key DO UPDATE SET value = s.value + EXCLUDED.value
+"""
+)
 
 
 def url_hash(url: str) -> str:

@@ -949,18 +949,26 @@ def plan(
     planner = Planner(request)
     request.status = SendRequestStatus.PLANNING
     size = batch_size or BATCH_SIZE
-    if _more_than(request, planner.condition, size):
+    listed = _listed(request)
+    if (listed is None or listed > size) and _more_than(request, planner.condition, size):
         return cut_slices(request, planner.condition, size, max_slices=max_batches)
+    # Read once: the commits below expire the request, and reading it again is a query.
+    request_id, campaign_id = request.id, request.campaign_id
+    inline = run_inline is not None and _small_trigger(request)
     created: list[int] = []
     done = 0
     while max_batches is None or done < max_batches:
-        if _campaign_halted(request):
+        # A trigger's status was read just above; a campaign may have been paused since.
+        if (done or campaign_id is not None) and _campaign_halted(request):
             db.session.commit()
             return created
         recipients = next_batch(request, planner.condition, size, planner.columns)
-        if not recipients:
+        # A short batch is the last one: planned in the same commit, no query to prove it.
+        last = len(recipients) < size
+        if last:
             request.status = SendRequestStatus.PLANNED
             request.planned_at = datetime.now(UTC)
+        if not recipients:
             db.session.commit()
             return created
         result = planner.plan_recipients(recipients)
@@ -968,17 +976,29 @@ def plan(
         request.planned_count += result.recipients
         request.heartbeat_at = datetime.now(UTC)
         db.session.commit()
-        publish_stored(result.published, f"send request {request.id}")
+        publish_stored(result.published, f"send request {request_id}")
         created += result.batch_ids
         if result.batch_ids:
-            if run_inline is not None and _small_trigger(request):
-                run_inline(result.batch_ids)
+            if inline:
+                run_inline(result.batch_ids)  # type: ignore[misc]
             else:
                 from workers.sending import enqueue_batches
 
-                enqueue_batches(result.batch_ids, campaign=request.campaign_id is not None)
+                enqueue_batches(result.batch_ids, campaign=campaign_id is not None)
         done += 1
+        if last:
+            return created
     return created
+
+
+def _listed(request: SendRequest) -> int | None:
+    """How many recipients a listed audience names (None: not a list)."""
+    audience = request.audience or {}
+    if audience.get("type") == "recipients":
+        return len(audience.get("ids") or ())
+    if audience.get("type") == "list":
+        return len(audience.get("external_ids") or ())
+    return None
 
 
 # Planning slices created per transaction (and enqueued together after it).
