@@ -477,7 +477,7 @@ def render_samples(campaign_id: int, sample: int = PREVIEW_SAMPLE) -> list[dict[
     from types import SimpleNamespace
 
     from whistle_web.channels.kinds import Channel
-    from whistle_web.deliveries.dispatch import ChannelContext, _render_context
+    from whistle_web.deliveries.dispatch import ChannelContext, render_context
     from whistle_web.deliveries.planner import audience_condition
     from whistle_web.message_templates.rendering import RenderError
 
@@ -506,13 +506,13 @@ def render_samples(campaign_id: int, sample: int = PREVIEW_SAMPLE) -> list[dict[
         )
         rendered: dict[str, dict[str, Any]] = {}
         for channel, context in contexts.items():
-            render_context = _render_context(row, context, request.data or {})
+            values = render_context(row, context, request.data or {})
             try:
-                fields = context.render(render_context)
+                fields = context.render(values)
                 # The organization's email layout, where the dispatcher has one.
                 layout = getattr(context, "layout", None)
                 if layout is not None and fields.get("html"):
-                    fields = {**fields, "html": layout.apply(fields["html"], render_context)}
+                    fields = {**fields, "html": layout.apply(fields["html"], values)}
             except RenderError as error:
                 fields = {"error": str(error)}
             rendered[channel] = fields
