@@ -223,3 +223,21 @@ def test_an_erasure_waits_for_a_planner_holding_the_recipient(
         delivery = db.session.scalar(select(Delivery))
     assert delivery.status == "sent" and delivery.recipient_id is None
     assert delivery.rendered is None and delivery.address is None
+
+
+def test_the_sweeper_closes_a_run_whose_last_job_died_before_closing_it(
+    org, audience, statuses, redis
+):
+    campaign, request = _launch(org)
+    plan_send_request(request.id, org.id)
+    redis.flushdb()
+    with organization_scope(org.id):
+        for piece in _slices(org, request):
+            # What a job does before its completion check, where the worker was killed.
+            planner.plan_slice(db.session.get(DeliveryBatch, piece.id), request)
+        assert db.session.get(Campaign, campaign.id).status == CampaignStatus.SENDING
+    assert statuses() == {"sent": 25}
+    assert tick(datetime.now(UTC) + timedelta(minutes=5))["completed"] == 1
+    with organization_scope(org.id):
+        db.session.expire_all()
+        assert db.session.get(Campaign, campaign.id).status == CampaignStatus.COMPLETED

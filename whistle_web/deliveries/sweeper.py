@@ -255,6 +255,42 @@ def _fail_interrupted(batch: DeliveryBatch, now: datetime) -> None:
     )
 
 
+def complete_finished_campaigns(now: datetime) -> int:
+    """Close campaign runs whose work is all done but whose last job died before closing
+    them (a worker killed between a batch's or a slice's commit and its completion check).
+    """
+    from whistle_web.campaigns.models import Campaign, CampaignStatus
+
+    open_work = (
+        select(DeliveryBatch.id)
+        .where(
+            DeliveryBatch.send_request_id == SendRequest.id,
+            DeliveryBatch.status != BatchStatus.DONE,
+        )
+        .exists()
+    )
+    rows = db.session.execute(
+        unscoped(
+            select(SendRequest.id, SendRequest.organization_id)
+            .join(Campaign, Campaign.id == SendRequest.campaign_id)
+            .where(
+                Campaign.status == CampaignStatus.SENDING,
+                SendRequest.status.in_([SendRequestStatus.PLANNED, SendRequestStatus.CANCELLED]),
+                SendRequest.created_at <= now - _grace(),
+                ~open_work,
+            )
+            .limit(100)
+        )
+    ).all()
+    db.session.commit()
+    closed = 0
+    for request_id, org_id in rows:
+        with organization_scope(org_id):
+            check_completion(request_id)
+            closed += 1
+    return closed
+
+
 def tick(now: datetime | None = None) -> dict[str, int]:
     """One scheduler tick: launch due campaigns and sends, release deferred work, sweep."""
     from whistle_web.campaigns.services import launch_due_campaigns
@@ -265,4 +301,5 @@ def tick(now: datetime | None = None) -> dict[str, int]:
         "requests": start_due_send_requests(now),
         "deferred": dispatch_deferred(now),
         "revived": sweep_batches(now),
+        "completed": complete_finished_campaigns(now),
     }
