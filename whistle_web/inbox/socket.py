@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import redis
 from flask import Blueprint, Response, current_app, request
 from simple_websocket import ConnectionClosed
+from sqlalchemy import Connection
 from wsproto.utilities import LocalProtocolError
 
 from whistle_web.errors import DomainError, NotFound
@@ -201,6 +202,18 @@ def _json(frame: dict[str, Any]) -> str:
     return json.dumps(frame, separators=(",", ":"), default=str)
 
 
+def _read_only_connection() -> None:
+    """Put the session on an autocommit connection for the handshake's reads.
+
+    A session already in a transaction (something read before the handshake), or bound to
+    a connection in one (the tests' shared connection, whose rows are not committed), cannot
+    change its isolation level: it reads in that transaction instead.
+    """
+    if db.session().in_transaction() or isinstance(db.session.bind, Connection):
+        return
+    db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
 def _release_db() -> None:
     """Give the connection back to the pool while the socket waits."""
     db.session.remove()
@@ -274,7 +287,7 @@ class InboxSocket:
         # resume), given back before the socket starts waiting. It only reads: in
         # autocommit, without the round trips of BEGIN and ROLLBACK.
         try:
-            db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            _read_only_connection()
             self._open(origin, frame.get("token"), last_seq)
         finally:
             _release_db()
