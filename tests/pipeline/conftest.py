@@ -58,6 +58,14 @@ def _failures(redis: Any) -> str:
 
 
 @pytest.fixture
+def small_batches(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Planner batches of 10: a few recipients make several batches, or planning slices."""
+    from whistle_web.deliveries import planner
+
+    monkeypatch.setattr(planner, "BATCH_SIZE", 10)
+
+
+@pytest.fixture
 def jobs(redis) -> Callable[[], int]:  # type: ignore[no-untyped-def]
     return lambda: run_jobs(redis)
 

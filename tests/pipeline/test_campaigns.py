@@ -29,10 +29,7 @@ from whistle_web.models import AuditLog, SendRequest
 from whistle_web.tenancy import organization_scope
 from workers.sending import plan_send_request, send_batch
 
-
-@pytest.fixture(autouse=True)
-def small_batches(monkeypatch):
-    monkeypatch.setattr(planner, "BATCH_SIZE", 10)
+pytestmark = pytest.mark.usefixtures("small_batches")
 
 
 @pytest.fixture
