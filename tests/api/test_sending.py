@@ -73,7 +73,7 @@ def test_trigger_to_known_and_inline_recipients(api, welcome, ada, jobs):
     assert {n["recipient"] for n in notifications} == {"u-1", "u-2"}
     (delivery,) = notifications[0]["deliveries"]
     assert delivery["channel"] == "in_app" and delivery["status"] == "sent"
-    assert delivery["sent_at"] and delivery["error"] is None
+    assert delivery["sent_at"] and delivery["error"] is None and delivery["failure_reason"] is None
 
     mine = api.get("/recipients/u-1/notifications").json
     assert [n["send_request_id"] for n in mine["data"]] == [accepted["id"]]

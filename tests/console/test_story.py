@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, time, timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from tests.factories import SYSTEM
 from tests.pipeline.conftest import CONTENT, run_jobs
@@ -453,3 +453,22 @@ def test_quiet_hours_delay_not_drop(org, make_template, make_recipient, jobs, in
         assert now.outcome == "delay"
         assert "held until" in now.sentence and "quiet hours" in now.sentence
         assert _by_channel(result.ledger)["in_app"].sentence.startswith("queued, held until")
+
+
+def test_a_bounced_step_names_its_reason(login_as, org, sent_email):  # type: ignore[no-untyped-def]
+    r, _ = sent_email
+    email = _delivery(org, r, Channel.EMAIL)
+    with organization_scope(org.id):
+        db.session.execute(
+            update(Delivery)
+            .where(Delivery.id == email.id)
+            .values(
+                status="bounced",
+                bounced_at=func.now(),
+                error="550 5.1.1 mailbox unknown",
+                failure_reason="hard_bounce",
+            )
+        )
+        db.session.flush()
+    html = login_as(Role.VIEWER).get(f"/recipients/{r.id}/history").get_data(as_text=True)
+    assert "550 5.1.1 mailbox unknown (hard bounce)" in html

@@ -95,6 +95,16 @@ def _detail(data: dict[str, Any] | None) -> str:
     return ""
 
 
+FINAL = ("failed", "bounced")
+
+
+def _failure_detail(delivery: Delivery) -> str:
+    """The error as recorded, and its reason (the funnel's failed:/bounced:<reason>)."""
+    reason = delivery.failure_reason
+    parts = [delivery.error or "", f"({str(reason).replace('_', ' ')})" if reason else ""]
+    return " ".join(p for p in parts if p)
+
+
 def delivery_steps(delivery: Delivery, events: list[DeliveryEvent]) -> list[Step]:
     """Planned, then every status with its time: the ledger's stamps and the events merged.
 
@@ -111,7 +121,7 @@ def delivery_steps(delivery: Delivery, events: list[DeliveryEvent]) -> list[Step
     for name, column in STAMPS:
         at = getattr(delivery, column)
         if at is not None:
-            steps.append(Step(name, at, delivery.error or "" if name == "failed" else ""))
+            steps.append(Step(name, at, _failure_detail(delivery) if name in FINAL else ""))
             seen.add((name, at))
     for event in events:
         if (event.type, event.occurred_at) in seen:

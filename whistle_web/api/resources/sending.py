@@ -155,6 +155,11 @@ class DeliverySummary(Out):
     provider_id: int | None
     error: str | None
     suppression_reason: str | None
+    failure_reason: str | None = Field(
+        description="Why it failed or bounced: template_error, no_address, recipient_deleted, "
+        "no_provider, invalid_address, provider_rejected, gave_up, interrupted, hard_bounce, "
+        "provider_suppressed, soft_bounce or other."
+    )
     attempts: int
     not_before: datetime | None
     created_at: datetime
@@ -176,6 +181,7 @@ class DeliverySummary(Out):
             provider_id=d.provider_id,
             error=d.error,
             suppression_reason=None if d.suppression_reason is None else str(d.suppression_reason),
+            failure_reason=None if d.failure_reason is None else str(d.failure_reason),
             attempts=d.attempts,
             not_before=d.not_before,
             created_at=d.created_at,
