@@ -182,3 +182,10 @@ def test_out_of_range_ids_and_nul_characters_are_not_500s(api):
         ),
         400,
     )
+
+
+def test_health_is_not_rate_limited(app, client, monkeypatch):  # type: ignore[no-untyped-def]
+    """Load balancers' checks spend no budget (the blueprint's limit used to apply)."""
+    monkeypatch.setitem(app.config, "WHISTLE_API_RATE_LIMIT", "3 per minute")
+    assert [client.get("/api/v1/health").status_code for _ in range(6)] == [200] * 6
+    assert "RateLimit-Limit" not in client.get("/api/v1/health").headers

@@ -86,7 +86,12 @@ def init_app(app: Flask) -> None:
     global _blueprint_limited
     if not _blueprint_limited:  # the limiter is module-level: a second app must not add a
         # second limit (each would record every hit again)
-        limiter.limit(lambda: current_app.config["WHISTLE_API_RATE_LIMIT"])(bp)
+        limiter.limit(
+            lambda: current_app.config["WHISTLE_API_RATE_LIMIT"],
+            # ``@limiter.exempt`` does not lift a limit set on the whole blueprint: a load
+            # balancer's checks must never share (or spend) a budget.
+            exempt_when=lambda: request.endpoint == "api.health",
+        )(bp)
         _blueprint_limited = True
     csrf.exempt(bp)  # bearer-token API: no cookies, no CSRF
     app.register_blueprint(bp)
