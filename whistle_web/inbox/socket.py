@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 import redis
 from flask import Blueprint, Response, current_app, request
 from simple_websocket import ConnectionClosed
-from sqlalchemy import Connection
 from wsproto.utilities import LocalProtocolError
 
 from whistle_web.errors import DomainError, NotFound
@@ -205,11 +204,10 @@ def _json(frame: dict[str, Any]) -> str:
 def _read_only_connection() -> None:
     """Put the session on an autocommit connection for the handshake's reads.
 
-    A session already in a transaction (something read before the handshake), or bound to
-    a connection in one (the tests' shared connection, whose rows are not committed), cannot
+    A session already in a transaction (something read before the handshake) cannot
     change its isolation level: it reads in that transaction instead.
     """
-    if db.session().in_transaction() or isinstance(db.session.bind, Connection):
+    if db.session().in_transaction():
         return
     db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
