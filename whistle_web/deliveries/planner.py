@@ -211,12 +211,16 @@ def next_batch(
     columns: Sequence[Any] = PLANNING_COLUMNS,
 ) -> list[Any]:
     """The next recipients after the cursor (with what the rules need), in id order."""
+    stmt = after_cursor(request, condition, *columns).limit(limit).with_for_update(**HOLD)
+    return list(db.session.execute(stmt))
+
+
+def after_cursor(request: SendRequest, condition: Any, *columns: Any) -> Any:
+    """The audience still to plan, in id order: after the cursor, up to the id snapshot."""
     stmt = select(*columns).where(Recipient.id > request.cursor_recipient_id, condition)
     if request.max_recipient_id is not None:
         stmt = stmt.where(Recipient.id <= request.max_recipient_id)
-    return list(
-        db.session.execute(stmt.order_by(Recipient.id).limit(limit).with_for_update(**HOLD))
-    )
+    return stmt.order_by(Recipient.id)
 
 
 @dataclass(slots=True)
@@ -1007,10 +1011,8 @@ SLICES_PER_COMMIT = 10
 
 def _more_than(request: SendRequest, condition: Any, size: int) -> bool:
     """Whether more than ``size`` recipients are left after the cursor."""
-    stmt = select(Recipient.id).where(Recipient.id > request.cursor_recipient_id, condition)
-    if request.max_recipient_id is not None:
-        stmt = stmt.where(Recipient.id <= request.max_recipient_id)
-    return db.session.scalar(stmt.order_by(Recipient.id).offset(size).limit(1)) is not None
+    stmt = after_cursor(request, condition, Recipient.id).offset(size).limit(1)
+    return db.session.scalar(stmt) is not None
 
 
 def cut_slices(
@@ -1038,10 +1040,7 @@ def cut_slices(
         slices: list[DeliveryBatch] = []
         finished = False
         for _ in range(SLICES_PER_COMMIT):
-            ids = select(Recipient.id).where(Recipient.id > request.cursor_recipient_id, condition)
-            if request.max_recipient_id is not None:
-                ids = ids.where(Recipient.id <= request.max_recipient_id)
-            window = ids.order_by(Recipient.id).limit(size).subquery()
+            window = after_cursor(request, condition, Recipient.id).limit(size).subquery()
             last, count = db.session.execute(
                 select(func.max(window.c.id), func.count()).select_from(window)
             ).one()
@@ -1113,11 +1112,10 @@ def plan_slice(batch: DeliveryBatch, request: SendRequest) -> str:
 
 
 def _small_trigger(request: SendRequest) -> bool:
-    audience = request.audience or {}
     return (
         request.campaign_id is None
-        and audience.get("type") == "recipients"
-        and len(audience.get("ids") or ()) <= INLINE_RECIPIENTS
+        and (request.audience or {}).get("type") == "recipients"
+        and (_listed(request) or 0) <= INLINE_RECIPIENTS
     )
 
 
