@@ -27,7 +27,8 @@ from whistle_web.channels.base import (
 from whistle_web.channels.kinds import ProviderKind
 
 CHANNEL_PREFIX = "whistle:inbox"
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+# Compact JSON as the frames carry it (a send's data is encoded once for all its frames).
+encode_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
 _string = encode_basestring_ascii
 
 
@@ -79,7 +80,7 @@ def frames_of(messages: Sequence[Message]) -> list[str]:
         data = meta.get("data", {})
         known = encoded.get(id(data))
         if known is None or known[0] is not data:
-            known = encoded[id(data)] = (data, _encode(data))
+            known = encoded[id(data)] = (data, encode_json(data))
         args.append(inbox_channel(meta["organization_id"], meta["recipient_id"]))
         args.append(
             notification_frame(
@@ -114,7 +115,7 @@ def _json(value: Any) -> str:
         return str(value)
     if value is None:
         return "null"
-    return _encode(value)
+    return encode_json(value)
 
 
 def notification_frame(

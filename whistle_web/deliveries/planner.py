@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from whistle_web.audiences.models import Segment, Subscription
 from whistle_web.audiences.segments import compile_rules
 from whistle_web.campaigns.models import Campaign, CampaignStatus
-from whistle_web.channels.in_app import inbox_channel, notification_frame
+from whistle_web.channels.in_app import encode_json, inbox_channel, notification_frame
 from whistle_web.channels.kinds import PUSH_DEVICE_KINDS, Channel
 from whistle_web.channels.models import Provider
 from whistle_web.deliveries.dispatch import (
@@ -502,7 +502,7 @@ class Planner:
         """The (channel, frame) pairs to publish for the in-app rows written as sent."""
         delivery_ids, notification_ids, recipient_ids, seqs, created_at = sent_rows
         org_id = require_organization_id()
-        data_json = json.dumps(self.request.data or {}, separators=(",", ":"), default=str)
+        data_json = encode_json(self.request.data or {})
         created = created_at.isoformat()
         frames: list[str] = []
         for delivery_id, notification_id, recipient_id, seq in zip(
