@@ -50,6 +50,8 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
+from bench.broadcast import wait_until_quiet  # noqa: E402
+
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/whistle_bench_api"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/4"
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -495,29 +497,6 @@ def cpu_seconds(database_url: str, web_pid: int, worker_pids: set[int]) -> dict[
         elif name.startswith("redis-server"):
             used["redis"] += seconds
     return used
-
-
-def wait_until_quiet(max_wait: float, busy_below: float = 0.15) -> float:
-    """Wait (up to ``max_wait`` s) for a second in which the machine is mostly idle.
-
-    Other engineers' test runs share the cores; returns the busy fraction last seen.
-    """
-
-    def busy_and_total() -> tuple[int, int]:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-        return sum(fields) - fields[3] - fields[4], sum(fields)
-
-    deadline = time.monotonic() + max_wait
-    while True:
-        busy0, total0 = busy_and_total()
-        time.sleep(1.0)
-        busy1, total1 = busy_and_total()
-        busy = (busy1 - busy0) / max(1, total1 - total0)
-        if busy < busy_below or time.monotonic() > deadline:
-            if busy >= busy_below:
-                print(f"  (machine still {busy:.0%} busy after {max_wait:.0f} s: timing anyway)")
-            return busy
 
 
 def cpu_ours(cpu: dict[str, float]) -> float:
