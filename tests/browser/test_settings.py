@@ -41,7 +41,9 @@ def test_add_an_smtp_provider_and_send_a_test(admin, live_server, page):
         page.get_by_role("link", name="Settings").click()
         page.get_by_role("link", name="Providers").first.click()
         page.get_by_role("link", name="Add a provider").click()
-        # Choosing the kind swaps in its fields (htmx).
+        # Choosing the kind swaps in its fields (htmx, loaded deferred: once the page has
+        # loaded, it listens; a change before that went unheard and flaked in CI).
+        page.wait_for_load_state("load")
         page.select_option("#kind", "smtp")
         page.wait_for_selector("input[name='config.host']")
         page.fill("#name", "Sink")
