@@ -24,9 +24,10 @@ FAILURE_TTL = 7 * 24 * 3600
 def plan_send_request(send_request_id: int, organization_id: int) -> str:
     """Plan a send request to the end (or until its campaign is paused)."""
     with organization_scope(organization_id):
-        created = planner.plan(send_request_id, run_inline=_send_now)
-        dispatch.check_completion(send_request_id)
-    return f"{len(created)} batches"
+        planned = planner.plan(send_request_id, run_inline=_send_now)
+        if planned.campaign_run:
+            dispatch.check_completion(send_request_id)
+    return f"{len(planned.batch_ids)} batches"
 
 
 def _send_now(batch_ids: list[int]) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from tests.factories import SYSTEM
 from tests.pipeline.conftest import CONTENT, assert_counters_match_ledger
@@ -190,6 +191,46 @@ def test_cancel_before_sending(org, welcome, make_recipient, jobs, statuses):
     tick()
     jobs()
     assert statuses() == {}
+
+
+@pytest.mark.committed
+def test_a_cancel_committing_while_planning_starts_is_not_overwritten(
+    app, org, welcome, make_recipient
+):
+    """The planning job locks its request as it reads it: a cancel holding the row makes
+    it wait, and it then sees the cancel and plans nothing (it does not write its own
+    status over the cancel and send anyway)."""
+    from workers.sending import plan_send_request
+
+    make_recipient(org, "u", name="Ada")
+    with organization_scope(org.id):
+        request_id = trigger("welcome", to=["u"], channels=["in_app"], actor=SYSTEM).id
+    db.session.commit()
+    outcome: list[str] = []
+
+    def plan() -> None:
+        with app.app_context():
+            outcome.append(plan_send_request(request_id, org.id))
+            db.session.remove()
+
+    with db.engine.connect() as cancelling:  # a cancel's transaction, not committed yet
+        cancelling.execute(
+            text(
+                "UPDATE send_requests SET status = 'cancelled', cancelled_at = now() WHERE id = :id"
+            ),
+            {"id": request_id},
+        )
+        planning = threading.Thread(target=plan)
+        planning.start()
+        planning.join(0.5)
+        assert planning.is_alive()  # waiting for the cancel's lock
+        cancelling.commit()
+    planning.join(10)
+    assert outcome == ["0 batches"]
+    with organization_scope(org.id):
+        db.session.expire_all()
+        assert db.session.get(SendRequest, request_id).status == SendRequestStatus.CANCELLED
+        assert db.session.scalar(select(func.count()).select_from(Notification)) == 0
 
 
 def test_cancel_a_notification_whose_deliveries_are_queued(

@@ -247,6 +247,16 @@ class PlannedBatch:
     published: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Planned:
+    """What :func:`plan` did."""
+
+    batch_ids: list[int]  # channel batches or planning slices, enqueued already
+    # False for a trigger: its request has nothing to close once planned
+    # (dispatch.check_completion), so the job does not read it again to find that out.
+    campaign_run: bool
+
+
 class Planner:
     """Plans one send request inside its organization's scope.
 
@@ -924,7 +934,7 @@ def plan(
     batch_size: int | None = None,
     max_batches: int | None = None,
     run_inline: Callable[[list[int]], None] | None = None,
-) -> list[int]:
+) -> Planned:
     """Plan a send request from its cursor to the end (or a pause). Commits per batch.
 
     An audience of more than one batch is cut into planning slices instead (see
@@ -939,25 +949,31 @@ def plan(
     sweeper still finishes them if the job dies.
 
     Returns:
-        Ids of the channel batches (or planning slices) created, enqueued already.
+        The channel batches (or planning slices) created, enqueued already, and whether
+        the request is a campaign run.
     """
-    request = db.session.get(SendRequest, send_request_id)
-    if request is None or request.status in (
+    # Kept to the end: the identity map holds what it loaded weakly (see _load_locked).
+    loaded = _load_locked(send_request_id)
+    if loaded is None:
+        return Planned([], campaign_run=False)
+    request = loaded.SendRequest
+    # Read once: the commits below expire the request, and reading it again is a query.
+    request_id, campaign_id = request.id, request.campaign_id
+    campaign_run = campaign_id is not None
+    if request.status in (
         SendRequestStatus.CANCELLED,
         SendRequestStatus.FAILED,
         SendRequestStatus.PLANNED,
-    ):
-        return []
-    if request.send_at > datetime.now(UTC):
-        return []
+    ) or request.send_at > datetime.now(UTC):
+        db.session.commit()  # releases the lock
+        return Planned([], campaign_run)
     planner = Planner(request)
     request.status = SendRequestStatus.PLANNING
     size = batch_size or BATCH_SIZE
     listed = _listed(request)
     if (listed is None or listed > size) and _more_than(request, planner.condition, size):
-        return cut_slices(request, planner.condition, size, max_slices=max_batches)
-    # Read once: the commits below expire the request, and reading it again is a query.
-    request_id, campaign_id = request.id, request.campaign_id
+        slices = cut_slices(request, planner.condition, size, max_slices=max_batches)
+        return Planned(slices, campaign_run)
     inline = run_inline is not None and _small_trigger(request)
     created: list[int] = []
     done = 0
@@ -965,20 +981,22 @@ def plan(
         # A trigger's status was read just above; a campaign may have been paused since.
         if (done or campaign_id is not None) and _campaign_halted(request):
             db.session.commit()
-            return created
-        recipients = next_batch(request, planner.condition, size, planner.columns)
-        # A short batch is the last one: planned in the same commit, no query to prove it.
-        last = len(recipients) < size
-        if last:
-            request.status = SendRequestStatus.PLANNED
-            request.planned_at = datetime.now(UTC)
-        if not recipients:
-            db.session.commit()
-            return created
-        result = planner.plan_recipients(recipients)
-        request.cursor_recipient_id = recipients[-1].id
-        request.planned_count += result.recipients
-        request.heartbeat_at = datetime.now(UTC)
+            return Planned(created, campaign_run)
+        # The request's changes go in one UPDATE at the commit, not one per query before it.
+        with db.session.no_autoflush:
+            recipients = next_batch(request, planner.condition, size, planner.columns)
+            # A short batch is the last one: planned in the same commit, no query to prove it.
+            last = len(recipients) < size
+            if last:
+                request.status = SendRequestStatus.PLANNED
+                request.planned_at = datetime.now(UTC)
+            if not recipients:
+                db.session.commit()
+                return Planned(created, campaign_run)
+            result = planner.plan_recipients(recipients)
+            request.cursor_recipient_id = recipients[-1].id
+            request.planned_count += result.recipients
+            request.heartbeat_at = datetime.now(UTC)
         db.session.commit()
         publish_stored(result.published, f"send request {request_id}")
         created += result.batch_ids
@@ -991,8 +1009,28 @@ def plan(
                 enqueue_batches(result.batch_ids, campaign=campaign_id is not None)
         done += 1
         if last:
-            return created
-    return created
+            return Planned(created, campaign_run)
+    return Planned(created, campaign_run)
+
+
+def _load_locked(send_request_id: int) -> Any:
+    """The request, locked until the next commit, with its template, version, category and
+    organization, in one statement (a row of the five, or None).
+
+    :class:`Planner` and :class:`ChannelContext` then find them in the session's identity map
+    (``Session.get`` of a loaded object runs no query) while the caller holds the row. The
+    lock is the one the planner's UPDATE of the request takes anyway, taken at the read: a
+    cancel either committed before it, and planning sees it, or waits for planning's commit.
+    """
+    return db.session.execute(
+        select(SendRequest, Template, TemplateVersion, Category, Organization)
+        .join(Organization, Organization.id == SendRequest.organization_id)
+        .outerjoin(Template, Template.id == SendRequest.template_id)
+        .outerjoin(TemplateVersion, TemplateVersion.id == SendRequest.template_version_id)
+        .outerjoin(Category, Category.id == Template.category_id)
+        .where(SendRequest.id == send_request_id)
+        .with_for_update(of=SendRequest, key_share=True)
+    ).first()
 
 
 def _listed(request: SendRequest) -> int | None:
