@@ -9,7 +9,7 @@ from flask import Flask
 from redis import Redis
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from whistle_web import crypto, security
+from whistle_web import connections, crypto, security
 from whistle_web.config import PROJECT_ROOT, load_config
 from whistle_web.extensions import csrf, db, htmx, login_manager, migrate, sock
 from whistle_web.logs import configure_logging
@@ -51,6 +51,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         )
 
     db.init_app(app)
+    with app.app_context():
+        connections.watch(db.engine)
     from whistle_web import models  # noqa: F401  (register every table before Alembic looks)
 
     migrate.init_app(

@@ -94,7 +94,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SECRET_KEY": secret_key,
         "SQLALCHEMY_DATABASE_URI": normalize_database_url(database_url) if database_url else "",
         "SQLALCHEMY_ENGINE_OPTIONS": {
-            "pool_pre_ping": True,
+            # Checked at checkout by whistle_web.connections, without pool_pre_ping's trip.
+            "pool_pre_ping": False,
             "pool_size": int(env.get("WHISTLE_DB_POOL_SIZE", "10")),
         },
         "REDIS_URL": env.get("REDIS_URL", ""),
