@@ -14,7 +14,7 @@ from whistle_web.accounts import services as accounts
 from whistle_web.accounts.models import ApiKey
 from whistle_web.api import limiter
 from whistle_web.extensions import db
-from whistle_web.models import SendRequest
+from whistle_web.models import Recipient, SendRequest
 from whistle_web.tenancy import organization_scope
 
 BODY = {"template": "welcome", "to": ["u-1"], "channels": ["in_app"], "data": {"a": 1}}
@@ -69,12 +69,13 @@ def limiter_calls():  # type: ignore[no-untyped-def]
         del client.execute_command
 
 
-def test_a_trigger_is_two_statements_and_one_rate_limit_call(api, welcome, ada, redis):
+def test_a_trigger_is_one_statement_and_one_rate_limit_call(api, welcome, ada, redis):
     assert api.post("/notifications", json=BODY).status_code == 202  # caches the key
     with sql_statements() as statements, limiter_calls() as calls:
         response = api.post("/notifications", json=BODY)
     assert response.status_code == 202, response.json
-    assert [s.split()[0] for s in statements] == ["SELECT", "INSERT"], statements
+    # The lookup and the INSERT in one statement (and no pool pre-ping before it).
+    assert [s.split()[0] for s in statements] == ["WITH"], statements
     assert len(calls) == 1 and calls[0][0] == "EVALSHA"
     accepted = response.json
     assert accepted["status"] == "pending" and accepted["recipients"] == 1
@@ -155,3 +156,92 @@ def test_channels_are_checked_against_the_published_version(api, org, make_templ
     assert_problem(api.post("/notifications", json=body), 422, "channels[0]")
     body["channels"] = ["email", "webhook"]
     assert api.post("/notifications", json=body).status_code == 202
+
+
+def _send_requests(org) -> list[SendRequest]:  # type: ignore[no-untyped-def]
+    with organization_scope(org.id):
+        return list(db.session.scalars(select(SendRequest).order_by(SendRequest.id)))
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "detail"),
+    [
+        ({"template": "missing"}, "template", "No template with key 'missing'."),
+        ({"template": "draft"}, "template", "Template 'draft' has no published version."),
+        (
+            {"template": "mail-only", "channels": ["email", "sms"]},
+            "channels[1]",
+            "The template has no sms content.",
+        ),
+        ({"to": ["u-1", "nobody"]}, "to[1]", "No recipient 'nobody'"),
+    ],
+)
+def test_a_refused_trigger_writes_nothing_and_says_why(
+    org, api, welcome, ada, redis, make_template, body, field, detail
+):
+    from whistle_web.message_templates.models import Template
+
+    make_template(org, "mail-only", {"email": {"subject": "s", "text": "t"}})
+    with organization_scope(org.id):
+        db.session.add(Template(key="draft", name="Draft"))
+        db.session.flush()
+    response = api.post("/notifications", json={**BODY, **body})
+    assert_problem(response, 422, field)
+    assert detail in next(e["message"] for e in response.json["errors"] if e["field"] == field)
+    assert _send_requests(org) == []
+    assert redis.keys("rq:job:*") == []
+
+
+def test_a_refusal_keeps_no_recipient_created_from_a_profile(org, api, welcome, redis):
+    body = {**BODY, "template": "missing", "to": [{"external_id": "new", "name": "New"}]}
+    assert_problem(api.post("/notifications", json=body), 422, "template")
+    assert_problem(api.get("/recipients/new"), 404)
+    assert _send_requests(org) == []
+
+
+def test_listed_ids_and_profiles_make_one_sorted_audience(org, api, welcome, ada, redis):
+    body = {**BODY, "to": [{"external_id": "u-2", "name": "Grace"}, "u-1", "u-2", "u-1"]}
+    response = api.post("/notifications", json=body)
+    assert response.status_code == 202, response.json
+    assert response.json["recipients"] == 2
+    (request,) = _send_requests(org)
+    with organization_scope(org.id):
+        grace = db.session.scalar(select(Recipient.id).where(Recipient.external_id == "u-2"))
+    assert request.audience == {"type": "recipients", "ids": sorted([ada.id, grace])}
+    assert request.max_recipient_id is None  # a list needs no bound
+
+
+def test_a_topic_trigger_is_bounded_by_the_recipients_of_now(
+    org, other_org, api, welcome, ada, make_recipient, redis
+):
+    from whistle_web.audiences.models import Topic
+
+    make_recipient(other_org, "theirs")  # a higher id, in another organization
+    with organization_scope(org.id):
+        topic = Topic(key="news", name="News")
+        db.session.add(topic)
+        db.session.flush()
+    body = {**BODY, "to": None, "topic": "news"}
+    assert api.post("/notifications", json=body).status_code == 202
+    (request,) = _send_requests(org)
+    assert request.audience == {"type": "topic", "id": topic.id}
+    assert request.max_recipient_id == ada.id
+
+
+def test_the_returned_send_request_is_the_row_as_written(org, welcome, ada):
+    from sqlalchemy import inspect, text
+
+    from tests.factories import SYSTEM
+    from whistle_web.notifications.services import trigger
+
+    with organization_scope(org.id):
+        request = trigger("welcome", to=["u-1"], data={"a": 1}, actor=SYSTEM)
+        state = inspect(request)
+        assert state.persistent and not state.unloaded  # nothing left to load
+        row = db.session.execute(
+            text("SELECT * FROM send_requests WHERE id = :id"), {"id": request.id}
+        ).one()
+    columns = SendRequest.__table__.columns
+    written = {c.name: getattr(row, c.name) for c in columns}
+    returned = {c.name: getattr(request, c.key) for c in columns}
+    assert returned == written

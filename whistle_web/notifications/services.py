@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import make_transient_to_detached
 
@@ -31,7 +32,6 @@ from whistle_web.notifications.models import (
     SendRequestStatus,
 )
 from whistle_web.organizations.services import record_audit
-from whistle_web.recipients.models import Recipient
 from whistle_web.recipients.services import (
     require_valid,
     upsert_recipients,
@@ -49,22 +49,40 @@ def check_channels(channels: list[str] | None, version: TemplateVersion) -> list
     Raises:
         ValidationError: an unknown channel, or one the template has no content for.
     """
-    return _check_channels(channels, version.content)
+    channels = _check_channel_names(channels)
+    _check_content(channels, version.content)
+    return channels
 
 
-def _check_channels(channels: list[str] | None, content: Collection[str]) -> list[str] | None:
+def _check_channel_names(channels: list[str] | None) -> list[str] | None:
+    """The override without repeats.
+
+    Raises:
+        ValidationError: an unknown channel, or an empty list.
+    """
     if channels is None:
         return None
-    errors = []
-    for i, channel in enumerate(channels):
-        if channel not in Channel.__members__.values():
-            errors.append(FieldError(f"channels[{i}]", f"Unknown channel {channel!r}."))
-        elif channel != Channel.WEBHOOK and channel not in content:
-            errors.append(FieldError(f"channels[{i}]", f"The template has no {channel} content."))
+    errors = [
+        FieldError(f"channels[{i}]", f"Unknown channel {channel!r}.")
+        for i, channel in enumerate(channels)
+        if channel not in Channel.__members__.values()
+    ]
     if not channels:
         errors.append(FieldError("channels", "Name at least one channel."))
     require_valid(errors)
     return list(dict.fromkeys(channels))
+
+
+def _check_content(channels: list[str] | None, content: Collection[str]) -> None:
+    """Raises ValidationError for a channel the template has no content for (webhooks
+    need none: they carry the data)."""
+    require_valid(
+        [
+            FieldError(f"channels[{i}]", f"The template has no {channel} content.")
+            for i, channel in enumerate(channels or [])
+            if channel != Channel.WEBHOOK and channel not in content
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -75,86 +93,153 @@ class _Lookup:
     recipients: dict[str, int]  # external id -> id, of those asked for that exist
 
 
-# Every trigger reads its template and its listed recipients: one statement, with the
-# organization bound explicitly (plain SQL is not seen by the tenancy session event), and
-# none of the ORM's per-statement work on the API's busiest path.
-_LOOKUP_SQL = """
-SELECT t.id, t.published_version_id,
-       ARRAY(SELECT jsonb_object_keys(v.content)),
-       (SELECT jsonb_object_agg(r.external_id, r.id) FROM recipients r
-         WHERE r.organization_id = %(org)s AND r.external_id = ANY(%(external_ids)s))
+# A trigger is one statement: it reads the template and the listed recipients and, when
+# they check out, inserts the send request, returning both what it found (to explain a
+# refusal) and the new row. The organization is bound explicitly (plain SQL is not seen by
+# the tenancy session event), and none of the ORM's per-statement work runs on the API's
+# busiest path. The conditions of the INSERT are the ones `_refusal` reports in words.
+_TRIGGER_SQL = """
+WITH template AS (
+    SELECT t.id, t.published_version_id,
+           ARRAY(SELECT jsonb_object_keys(v.content)) AS channels
+    FROM templates t
+    LEFT JOIN template_versions v
+           ON v.organization_id = %(org)s AND v.id = t.published_version_id
+    WHERE t.organization_id = %(org)s AND t.key = %(key)s
+), listed AS (
+    SELECT r.external_id, r.id FROM recipients r
+    WHERE r.organization_id = %(org)s AND r.external_id = ANY(%(external_ids)s)
+), inserted AS (
+    INSERT INTO send_requests (organization_id, kind, template_id, template_version_id,
+        audience, data, channels, idempotency_key, send_at, local_send_time,
+        max_recipient_id, actor)
+    SELECT %(org)s, %(kind)s, t.id, t.published_version_id,
+        coalesce(%(audience)s::jsonb, jsonb_build_object('type', 'recipients', 'ids',
+            (SELECT coalesce(jsonb_agg(u.id ORDER BY u.id), '[]'::jsonb) FROM (
+                SELECT id FROM listed UNION SELECT unnest(%(ids)s::bigint[])) AS u))),
+        %(data)s::jsonb, %(channels)s, %(idempotency_key)s, %(send_at)s,
+        %(local_send_time)s,
+        CASE WHEN %(bounded)s THEN (SELECT coalesce(max(r.id), 0) FROM recipients r
+                                    WHERE r.organization_id = %(org)s) END,
+        %(actor)s
+    FROM template t
+    WHERE t.published_version_id IS NOT NULL
+      AND (%(channels)s::text[] IS NULL
+           OR %(channels)s::text[] <@ (t.channels || '{webhook}'::text[]))
+      AND (SELECT count(*) FROM listed) = %(listed)s
+    RETURNING id, status, audience, max_recipient_id, created_at
+)
+SELECT t.id, t.published_version_id, t.channels,
+       (SELECT jsonb_object_agg(l.external_id, l.id) FROM listed l),
+       i.id, i.status, i.audience, i.max_recipient_id, i.created_at
 FROM (SELECT 1) AS one
-LEFT JOIN templates t ON t.organization_id = %(org)s AND t.key = %(key)s
-LEFT JOIN template_versions v
-       ON v.organization_id = %(org)s AND v.id = t.published_version_id
+LEFT JOIN template t ON true
+LEFT JOIN inserted i ON true
 """
+# What a new send request holds that the INSERT does not set (the columns' defaults).
+_FRESH = {
+    "campaign_id": None,
+    "cursor_recipient_id": 0,
+    "planned_count": 0,
+    "error": None,
+    "planned_at": None,
+    "heartbeat_at": None,
+    "cancelled_at": None,
+}
 
 
-def _lookup(template_key: str, external_ids: list[str]) -> _Lookup:
-    """The template, its published version's channels and the existing recipients."""
-    row = (
-        db.session.connection()
-        .exec_driver_sql(
-            _LOOKUP_SQL,
-            {"org": require_organization_id(), "key": template_key, "external_ids": external_ids},
-        )
-        .one()
-    )
-    return _Lookup(row[0], row[1], frozenset(row[2] or ()), row[3] or {})
+def _insert_send_request(
+    template_key: str, external_ids: list[str], values: dict[str, Any]
+) -> tuple[_Lookup, SendRequest | None]:
+    """Look up the template and listed recipients and insert the send request if they
+    check out, in one statement and without the unit of work's flush.
 
-
-def _published(template_key: str, found: _Lookup) -> tuple[int, int]:
-    """The template's id and its published version's.
-
-    Raises:
-        ValidationError: no such template, or it was never published.
-    """
-    if found.template_id is None:
-        raise ValidationError.single("template", f"No template with key {template_key!r}.")
-    if found.version_id is None:
-        raise ValidationError.single(
-            "template", f"Template {template_key!r} has no published version."
-        )
-    return found.template_id, found.version_id
-
-
-_INSERT_SQL = """
-INSERT INTO send_requests (organization_id, kind, template_id, template_version_id, audience,
-    data, channels, idempotency_key, send_at, local_send_time, max_recipient_id, actor)
-VALUES (%(organization_id)s, %(kind)s, %(template_id)s, %(template_version_id)s,
-    %(audience)s::jsonb, %(data)s::jsonb, %(channels)s, %(idempotency_key)s,
-    %(send_at)s, %(local_send_time)s, %(max_recipient_id)s, %(actor)s)
-RETURNING *
-"""
-
-
-def _insert_send_request(values: dict[str, Any]) -> SendRequest:
-    """INSERT a send request in one statement, without the unit of work's flush.
+    ``values`` are the send request's columns; ``audience`` None means "the listed
+    recipients" (plus ``ids``, recipients created from profiles just before).
 
     Returns:
-        The row as a persistent object of the session, as if it had been flushed.
+        What was found, and the new row as a persistent object of the session (as if it
+        had been flushed), or None when nothing was inserted.
     """
-    params = dict(values, organization_id=require_organization_id())
-    params["audience"] = json.dumps(params["audience"])
-    params["data"] = json.dumps(params["data"])
-    result = db.session.connection().exec_driver_sql(_INSERT_SQL, params)
-    row = result.mappings().one()
-    request = SendRequest(**row)
-    request.kind = SendRequestKind(row["kind"])
-    request.status = SendRequestStatus(row["status"])
+    listed = sorted(set(external_ids))
+    params = dict(
+        values,
+        org=require_organization_id(),
+        key=template_key,
+        external_ids=listed,
+        listed=len(listed),
+        audience=json.dumps(values["audience"]) if values["audience"] is not None else None,
+        data=json.dumps(values["data"]),
+    )
+    row = db.session.connection().exec_driver_sql(_TRIGGER_SQL, params).one()
+    found = _Lookup(row[0], row[1], frozenset(row[2] or ()), row[3] or {})
+    if row[4] is None:
+        return found, None
+    request = SendRequest(
+        id=row[4],
+        organization_id=params["org"],
+        kind=SendRequestKind(values["kind"]),
+        status=SendRequestStatus(row[5]),
+        template_id=found.template_id,
+        template_version_id=found.version_id,
+        audience=row[6],
+        data=values["data"],
+        channels=values["channels"],
+        idempotency_key=values["idempotency_key"],
+        send_at=values["send_at"],
+        local_send_time=values["local_send_time"],
+        max_recipient_id=row[7],
+        actor=values["actor"],
+        created_at=row[8],
+        **_FRESH,
+    )
     make_transient_to_detached(request)
     db.session.add(request)
-    return request
+    return found, request
 
 
-def _resolve_to(to: list[str | dict[str, Any]], known: dict[str, int]) -> list[int]:
+def _refusal(
+    template_key: str,
+    found: _Lookup,
+    channels: list[str] | None,
+    to: list[str | dict[str, Any]] | None,
+) -> ValidationError:
+    """Why the trigger statement inserted nothing, in the order a caller fixes things."""
+    try:
+        if found.template_id is None:
+            raise ValidationError.single("template", f"No template with key {template_key!r}.")
+        if found.version_id is None:
+            raise ValidationError.single(
+                "template", f"Template {template_key!r} has no published version."
+            )
+        _check_content(channels, found.channels)
+        require_valid(
+            [
+                FieldError(
+                    f"to[{i}]", f"No recipient {item!r}; send a profile object to create one."
+                )
+                for i, item in enumerate(to or [])
+                if isinstance(item, str) and item not in found.recipients
+            ]
+        )
+    except ValidationError as error:
+        return error
+    raise RuntimeError("the trigger statement inserted nothing, yet everything checks out")
+
+
+def _split_to(to: list[str | dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The external ids and the recipient profiles of a ``to`` list.
+
+    Raises:
+        ValidationError: too many, or an item that is neither (field paths given).
+    """
     if len(to) > MAX_INLINE_RECIPIENTS:
         raise ValidationError.single(
             "to", f"At most {MAX_INLINE_RECIPIENTS} recipients; use a topic or segment."
         )
     errors: list[FieldError] = []
-    profiles = []
     external_ids: list[str] = []
+    profiles = []
     for i, item in enumerate(to):
         if isinstance(item, str):
             external_ids.append(item)
@@ -164,17 +249,7 @@ def _resolve_to(to: list[str | dict[str, Any]], known: dict[str, int]) -> list[i
         else:
             errors.append(FieldError(f"to[{i}]", "An external id or a recipient object."))
     require_valid(errors)
-    ids = upsert_recipients(profiles) if profiles else {}
-    # ``known`` was read before the upsert: an id given both ways is the upsert's.
-    ids.update({e: known[e] for e in external_ids if e not in ids and e in known})
-    missing = [
-        FieldError(f"to[{i}]", f"No recipient {item!r}; send a profile object to create one.")
-        for i, item in enumerate(to)
-        if isinstance(item, str) and item not in ids
-    ]
-    require_valid(missing)
-    ordered = [ids[item if isinstance(item, str) else item["external_id"]] for item in to]
-    return sorted(set(ordered))
+    return external_ids, profiles
 
 
 def trigger(
@@ -207,12 +282,14 @@ def trigger(
     audiences = [a for a in (to, topic, segment_id) if a not in (None, [])]
     if len(audiences) != 1:
         raise ValidationError.single("to", "Give exactly one of to, topic or segment.")
-    listed = [item for item in to if isinstance(item, str)] if to else []
-    found = _lookup(template_key, listed)
-    template_id, version_id = _published(template_key, found)
-    channels = _check_channels(channels, found.channels)
+    channels = _check_channel_names(channels)
+    if send_at is not None and send_at.tzinfo is None:
+        raise ValidationError.single("send_at", "Give a time zone (RFC 3339, e.g. ...Z).")
+    external_ids: list[str] = []
+    profiles: list[dict[str, Any]] = []
+    audience: dict[str, Any] | None = None  # None: the listed recipients
     if to:
-        audience: dict[str, Any] = {"type": "recipients", "ids": _resolve_to(to, found.recipients)}
+        external_ids, profiles = _split_to(to)
     elif topic is not None:
         topic_row = db.session.scalar(select(Topic).where(Topic.key == topic))
         if topic_row is None:
@@ -222,13 +299,10 @@ def trigger(
         if db.session.get(Segment, segment_id) is None:
             raise ValidationError.single("segment", f"No segment {segment_id}.")
         audience = {"type": "segment", "id": segment_id}
-    if send_at is not None and send_at.tzinfo is None:
-        raise ValidationError.single("send_at", "Give a time zone (RFC 3339, e.g. ...Z).")
     values = {
         "kind": SendRequestKind.TRIGGER.value,
-        "template_id": template_id,
-        "template_version_id": version_id,
         "audience": audience,
+        "ids": [],
         "data": data or {},
         "channels": channels,
         "idempotency_key": idempotency_key or None,
@@ -236,12 +310,19 @@ def trigger(
         "local_send_time": local_time,
         # Topics and segments are bounded by the recipients that exist now; a list of ids
         # needs no bound.
-        "max_recipient_id": None if audience["type"] == "recipients" else _max_recipient_id(),
+        "bounded": audience is not None,
         "actor": actor.label,
     }
     session = db.session()
     try:
-        request = _insert_send_request(values)
+        # Profiles are created or updated first, in a savepoint: a refused trigger keeps
+        # none of them (the caller's own work in the transaction stays).
+        with session.begin_nested() if profiles else nullcontext():
+            if profiles:
+                values["ids"] = list(upsert_recipients(profiles).values())
+            found, request = _insert_send_request(template_key, external_ids, values)
+            if request is None:
+                raise _refusal(template_key, found, channels, to)
         due = request.send_at <= now
         # Nothing else changes this row before the answer is written: keep its loaded
         # values instead of reading it back after the commit.
@@ -273,10 +354,6 @@ def _idempotent_match(key: str, now: datetime) -> SendRequest | None:
     existing.idempotency_key = None
     db.session.flush()
     return None
-
-
-def _max_recipient_id() -> int:
-    return db.session.scalar(select(func.coalesce(func.max(Recipient.id), 0)))
 
 
 def cancel_send_request(send_request_id: int, *, actor: Actor) -> int:
