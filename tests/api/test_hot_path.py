@@ -245,3 +245,34 @@ def test_the_returned_send_request_is_the_row_as_written(org, welcome, ada):
     written = {c.name: getattr(row, c.name) for c in columns}
     returned = {c.name: getattr(request, c.key) for c in columns}
     assert returned == written
+
+
+@pytest.mark.committed
+def test_outside_a_transaction_the_trigger_commits_by_itself(org, api, welcome, ada, redis):
+    """Production's case (the tests' other sessions join an outer transaction): with no
+    transaction open, the trigger statement runs in autocommit, no BEGIN or COMMIT."""
+    org_id = org.id
+    db.session.commit()  # the fixtures' rows
+    assert api.post("/notifications", json=BODY).status_code == 202  # caches the key
+    db.session.remove()
+    seen: list[tuple[str, bool]] = []
+
+    def record(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append((statement.split()[0], conn.connection.dbapi_connection.autocommit))
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        response = api.post("/notifications", json=BODY)
+        db.session.remove()  # each production request has its own session
+        refused = api.post("/notifications", json={**BODY, "to": ["nobody"]})
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    assert response.status_code == 202, response.json
+    assert_problem(refused, 422, "to[0]")
+    assert seen == [("WITH", True), ("WITH", True)]
+    db.session.remove()
+    with organization_scope(org_id):
+        rows = db.session.scalars(select(SendRequest.id).order_by(SendRequest.id)).all()
+    assert rows[-1] == response.json["id"] and len(rows) == 2
+    with db.engine.connect() as conn:  # the pool's connections are transactional again
+        assert conn.connection.dbapi_connection.autocommit is False

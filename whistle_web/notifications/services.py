@@ -7,13 +7,13 @@ after the commit; the planner and channel workers do the rest (DESIGN.md "The se
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
-from contextlib import nullcontext
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import make_transient_to_detached
 
@@ -148,8 +148,27 @@ _FRESH = {
 }
 
 
+@contextmanager
+def _statement_connection() -> Iterator[tuple[Connection, bool]]:
+    """Where the trigger statement runs, and whether it commits on its own.
+
+    The statement is atomic by itself: when the session has no transaction yet, it runs
+    on a connection of its own in autocommit, without BEGIN and COMMIT round trips.
+    Otherwise (profiles upserted first, an idempotency key looked up, an outer transaction
+    the session joined, as the tests' sessions do) it runs in the session's transaction,
+    which the caller commits.
+    """
+    session = db.session()
+    bind = session.get_bind()
+    if session.in_transaction() or not isinstance(bind, Engine):
+        yield session.connection(), False
+        return
+    with bind.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT"), True
+
+
 def _insert_send_request(
-    template_key: str, external_ids: list[str], values: dict[str, Any]
+    conn: Connection, template_key: str, external_ids: list[str], values: dict[str, Any]
 ) -> tuple[_Lookup, SendRequest | None]:
     """Look up the template and listed recipients and insert the send request if they
     check out, in one statement and without the unit of work's flush.
@@ -171,7 +190,7 @@ def _insert_send_request(
         audience=json.dumps(values["audience"]) if values["audience"] is not None else None,
         data=json.dumps(values["data"]),
     )
-    row = db.session.connection().exec_driver_sql(_TRIGGER_SQL, params).one()
+    row = conn.exec_driver_sql(_TRIGGER_SQL, params).one()
     found = _Lookup(row[0], row[1], frozenset(row[2] or ()), row[3] or {})
     if row[4] is None:
         return found, None
@@ -320,14 +339,16 @@ def trigger(
         with session.begin_nested() if profiles else nullcontext():
             if profiles:
                 values["ids"] = list(upsert_recipients(profiles).values())
-            found, request = _insert_send_request(template_key, external_ids, values)
+            with _statement_connection() as (conn, committed):
+                found, request = _insert_send_request(conn, template_key, external_ids, values)
             if request is None:
                 raise _refusal(template_key, found, channels, to)
         due = request.send_at <= now
-        # Nothing else changes this row before the answer is written: keep its loaded
-        # values instead of reading it back after the commit.
-        session.expire_on_commit = False
-        session.commit()
+        if not committed:
+            # Nothing else changes this row before the answer is written: keep its loaded
+            # values instead of reading it back after the commit.
+            session.expire_on_commit = False
+            session.commit()
     except IntegrityError:
         # Another request with the same idempotency key won the race: return its result.
         db.session.rollback()
