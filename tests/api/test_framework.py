@@ -189,3 +189,19 @@ def test_health_is_not_rate_limited(app, client, monkeypatch):  # type: ignore[n
     monkeypatch.setitem(app.config, "WHISTLE_API_RATE_LIMIT", "3 per minute")
     assert [client.get("/api/v1/health").status_code for _ in range(6)] == [200] * 6
     assert "RateLimit-Limit" not in client.get("/api/v1/health").headers
+
+
+def test_a_console_cookie_neither_authenticates_nor_scopes_an_api_request(
+    app, org, other_org, make_user, make_api, make_recipient
+):
+    from tests.console.conftest import sign_in
+
+    make_recipient(org, "ours")
+    make_recipient(other_org, "theirs")
+    browser = app.test_client()
+    assert sign_in(browser, make_user(org=org).email, PASSWORD).status_code == 302
+    assert browser.get("/recipients").status_code == 200  # signed in to the console
+    assert_problem(browser.get("/api/v1/recipients"), 401)
+    secret = make_api(other_org).token
+    listed = browser.get("/api/v1/recipients", headers={"Authorization": f"Bearer {secret}"})
+    assert [r["external_id"] for r in listed.json["data"]] == ["theirs"]

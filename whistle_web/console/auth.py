@@ -86,7 +86,9 @@ def choose_organization(user: User, organization_id: int | None = None) -> Membe
 
 
 def _enter_session_organization() -> None:
-    if not current_user.is_authenticated:
+    # The API authenticates its bearer credential and enters that organization itself: a
+    # console cookie sent along must not scope an API request (nor cost it a user load).
+    if request.blueprint == "api" or not current_user.is_authenticated:
         return
     membership = next(
         (
