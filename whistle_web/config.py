@@ -96,7 +96,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SQLALCHEMY_ENGINE_OPTIONS": {
             # Checked at checkout by whistle_web.connections, without pool_pre_ping's trip.
             "pool_pre_ping": False,
-            "pool_size": int(env.get("WHISTLE_DB_POOL_SIZE", "10")),
+            # Connections kept open per process. A gevent web worker serves many requests
+            # at once: with fewer kept than in flight, each overflow connection is opened
+            # and closed per request (a new PostgreSQL backend each time).
+            "pool_size": int(env.get("WHISTLE_DB_POOL_SIZE", "20")),
         },
         "REDIS_URL": env.get("REDIS_URL", ""),
         "SENTRY_DSN": env.get("SENTRY_DSN", ""),
