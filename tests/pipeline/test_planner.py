@@ -58,7 +58,9 @@ def template(org, make_template, category):
     return make
 
 
-def test_each_rule_suppresses_with_its_reason(org, template, make_recipient, redis):
+def test_each_rule_suppresses_with_its_reason(
+    org, template, make_recipient, redis, preferences_read
+):
     t, cat = template()
     ok = make_recipient(org, "ok", email="ok@example.com", phone="+14155550100")
     gone = make_recipient(org, "gone", email="gone@example.com", unsubscribed_at=datetime.now(UTC))
@@ -109,6 +111,17 @@ def test_rules_apply_in_order(org, template, make_recipient, redis):
     assert rows[(r.id, "sms")].suppression_reason == SuppressionCause.UNSUBSCRIBED
 
 
+@pytest.fixture(params=["read with the recipients", "looked up for the batch"])
+def preferences_read(request, monkeypatch):  # type: ignore[no-untyped-def]
+    """Both ways the planner reads preferences: with a few listed recipients, or in one
+    query for a batch (any request naming more than INLINE_RECIPIENTS)."""
+    from whistle_web.deliveries import planner
+
+    if request.param == "looked up for the batch":
+        monkeypatch.setattr(planner, "INLINE_RECIPIENTS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize(
     ("prefs", "email", "sms"),
     [
@@ -122,7 +135,7 @@ def test_rules_apply_in_order(org, template, make_recipient, redis):
     ],
 )
 def test_preference_matrix_most_specific_wins(
-    org, template, make_recipient, prefs, email, sms, redis
+    org, template, make_recipient, prefs, email, sms, redis, preferences_read
 ):
     t, cat = template()
     r = make_recipient(org, "r", email="r@example.com", phone="+14155550101")

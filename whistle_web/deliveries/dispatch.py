@@ -209,15 +209,20 @@ class ChannelContext:
         return self.channel_template.render(render_context)
 
     @classmethod
-    def load(cls, request: SendRequest, channel: Channel) -> ChannelContext:
+    def load(
+        cls, request: SendRequest, channel: Channel, providers: list[Provider] | None = None
+    ) -> ChannelContext:
+        """Load what a batch needs; ``providers``: the channel's enabled providers by
+        priority, when the caller loaded them already."""
         version = db.session.get(TemplateVersion, request.template_version_id)
-        providers = list(
-            db.session.scalars(
-                select(Provider)
-                .where(Provider.channel == channel, Provider.enabled.is_(True))
-                .order_by(Provider.priority, Provider.id)
+        if providers is None:
+            providers = list(
+                db.session.scalars(
+                    select(Provider)
+                    .where(Provider.channel == channel, Provider.enabled.is_(True))
+                    .order_by(Provider.priority, Provider.id)
+                )
             )
-        )
         config = current_app.config
         content_json = json.dumps(version.content, sort_keys=True)
         organization = db.session.get(Organization, request.organization_id)

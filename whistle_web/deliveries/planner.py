@@ -21,7 +21,19 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import BigInteger, Text, any_, cast, func, literal, select, text, true, update
+from sqlalchemy import (
+    BigInteger,
+    Text,
+    any_,
+    bindparam,
+    cast,
+    func,
+    literal,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from whistle_web.audiences.models import Segment, Subscription
@@ -267,11 +279,17 @@ class Planner:
     (``PlannedBatch.published``). A delivery whose template fails to render is queued as
     usual, and its channel job records the error. ``write_in_app_sent=False`` queues them
     all for the channel jobs instead (the broadcast benchmark's one-job-per-recipient
-    baseline needs them queued).
+    baseline needs them queued). ``in_app_providers``: the enabled in-app providers by
+    priority, when the caller loaded them already.
     """
 
     def __init__(
-        self, request: SendRequest, now: datetime | None = None, *, write_in_app_sent: bool = True
+        self,
+        request: SendRequest,
+        now: datetime | None = None,
+        *,
+        write_in_app_sent: bool = True,
+        in_app_providers: list[Provider] | None = None,
     ) -> None:
         self.request = request
         self.now = now or datetime.now(UTC)
@@ -292,11 +310,17 @@ class Planner:
         self.in_app: ChannelContext | None = None
         self.in_app_provider_id: int | None = None
         if write_in_app_sent and Channel.IN_APP in self.channels:
-            context = ChannelContext.load(request, Channel.IN_APP)
+            context = ChannelContext.load(request, Channel.IN_APP, in_app_providers)
             provider = stored_provider(context)
             if provider is not None:
                 self.in_app, self.in_app_provider_id = context, provider.id
         self.columns = PLANNING_COLUMNS + (RENDER_COLUMNS if self.in_app else ())
+        # A request naming a few recipients (the common trigger) reads their preferences
+        # with them, one statement fewer; a batch of thousands looks them up in one query.
+        listed = _listed(request)
+        self.preferences_in_rows = listed is not None and listed <= INLINE_RECIPIENTS
+        if self.preferences_in_rows:
+            self.columns += (self._preferences_column(),)
 
     def plan_batch(self, recipient_ids: list[int]) -> PlannedBatch:
         """Write notifications, deliveries and channel batches for these recipients."""
@@ -313,7 +337,11 @@ class Planner:
         if not recipients:
             return PlannedBatch([], 0)
         recipient_ids = [r.id for r in recipients]
-        disabled = self._disabled_preferences(recipient_ids)
+        disabled = (
+            self._preferences_of(recipients)
+            if self.preferences_in_rows
+            else self._disabled_preferences(recipient_ids)
+        )
         suppressed = self._suppressed_addresses(recipients)
         with_device = self._recipients_with_devices(recipient_ids)
         sent_today = self._sent_today(recipient_ids)
@@ -598,6 +626,32 @@ class Planner:
         return at if at is not None and at > self.now else None
 
     # --- look-ups for a whole batch ----------------------------------------------------
+    def _preferences_column(self) -> Any:
+        """Each recipient's preferences that can apply to this request, as a JSON array of
+        [category id, channel, enabled] (NULL when there is none)."""
+        category_id = self.category.id if self.category else None
+        return (
+            select(
+                func.jsonb_agg(
+                    func.jsonb_build_array(
+                        Preference.category_id, Preference.channel, Preference.enabled
+                    )
+                )
+            )
+            .where(Preference.recipient_id == Recipient.id)
+            .where((Preference.category_id.is_(None)) | (Preference.category_id == category_id))
+            .scalar_subquery()
+            .label("preferences")
+        )
+
+    def _preferences_of(self, recipients: Sequence[Any]) -> dict[int, dict[PrefKey, bool]]:
+        """:meth:`_disabled_preferences` of rows read with :meth:`_preferences_column`."""
+        prefs: dict[int, dict[PrefKey, bool]] = defaultdict(dict)
+        for recipient in recipients:
+            for cat, channel, enabled in recipient.preferences or ():
+                prefs[recipient.id][(cat, channel)] = enabled
+        return prefs
+
     def _disabled_preferences(self, ids: list[int]) -> dict[int, dict[PrefKey, bool]]:
         category_id = self.category.id if self.category else None
         rows = db.session.execute(
@@ -952,11 +1006,11 @@ def plan(
         The channel batches (or planning slices) created, enqueued already, and whether
         the request is a campaign run.
     """
-    # Kept to the end: the identity map holds what it loaded weakly (see _load_locked).
+    # Kept to the end: the identity map holds what they loaded weakly (see _load_locked).
     loaded = _load_locked(send_request_id)
-    if loaded is None:
+    if not loaded:
         return Planned([], campaign_run=False)
-    request = loaded.SendRequest
+    request = loaded[0].SendRequest
     # Read once: the commits below expire the request, and reading it again is a query.
     request_id, campaign_id = request.id, request.campaign_id
     campaign_run = campaign_id is not None
@@ -967,7 +1021,8 @@ def plan(
     ) or request.send_at > datetime.now(UTC):
         db.session.commit()  # releases the lock
         return Planned([], campaign_run)
-    planner = Planner(request)
+    in_app_providers = [row.Provider for row in loaded if row.Provider is not None]
+    planner = Planner(request, in_app_providers=in_app_providers)
     request.status = SendRequestStatus.PLANNING
     size = batch_size or BATCH_SIZE
     listed = _listed(request)
@@ -1013,24 +1068,36 @@ def plan(
     return Planned(created, campaign_run)
 
 
-def _load_locked(send_request_id: int) -> Any:
-    """The request, locked until the next commit, with its template, version, category and
-    organization, in one statement (a row of the five, or None).
+# The request, locked, with what planning reads of it and the organization's enabled in-app
+# providers by priority (a row per provider, or one row with None for none). Built once.
+_LOAD = (
+    select(SendRequest, Template, TemplateVersion, Category, Organization, Provider)
+    .join(Organization, Organization.id == SendRequest.organization_id)
+    .outerjoin(Template, Template.id == SendRequest.template_id)
+    .outerjoin(TemplateVersion, TemplateVersion.id == SendRequest.template_version_id)
+    .outerjoin(Category, Category.id == Template.category_id)
+    .outerjoin(
+        Provider,
+        (Provider.organization_id == SendRequest.organization_id)
+        & (Provider.channel == Channel.IN_APP)
+        & Provider.enabled.is_(True),
+    )
+    .where(SendRequest.id == bindparam("send_request_id"))
+    .order_by(Provider.priority, Provider.id)
+    .with_for_update(of=SendRequest, key_share=True)
+)
+
+
+def _load_locked(send_request_id: int) -> list[Any]:
+    """The request, locked until the next commit, with its template, version, category,
+    organization and in-app providers, in one statement (no rows: no such request).
 
     :class:`Planner` and :class:`ChannelContext` then find them in the session's identity map
-    (``Session.get`` of a loaded object runs no query) while the caller holds the row. The
+    (``Session.get`` of a loaded object runs no query) while the caller holds the rows. The
     lock is the one the planner's UPDATE of the request takes anyway, taken at the read: a
     cancel either committed before it, and planning sees it, or waits for planning's commit.
     """
-    return db.session.execute(
-        select(SendRequest, Template, TemplateVersion, Category, Organization)
-        .join(Organization, Organization.id == SendRequest.organization_id)
-        .outerjoin(Template, Template.id == SendRequest.template_id)
-        .outerjoin(TemplateVersion, TemplateVersion.id == SendRequest.template_version_id)
-        .outerjoin(Category, Category.id == Template.category_id)
-        .where(SendRequest.id == send_request_id)
-        .with_for_update(of=SendRequest, key_share=True)
-    ).first()
+    return db.session.execute(_LOAD, {"send_request_id": send_request_id}).all()
 
 
 def _listed(request: SendRequest) -> int | None:
