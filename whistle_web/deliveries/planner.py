@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -35,6 +36,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import load_only
 
 from whistle_web.audiences.models import Segment, Subscription
 from whistle_web.audiences.segments import compile_rules
@@ -216,6 +218,25 @@ HOLD: dict[str, Any] = {"read": True, "key_share": True, "of": Recipient}
 INLINE_RECIPIENTS = 20
 
 
+@lru_cache(maxsize=256)
+def _preferences_column(category_id: int | None) -> Any:
+    """Each recipient's preferences that can apply to a send of this category, as a JSON
+    array of [category id, channel, enabled] (NULL when there is none). Built once."""
+    return (
+        select(
+            func.jsonb_agg(
+                func.jsonb_build_array(
+                    Preference.category_id, Preference.channel, Preference.enabled
+                )
+            )
+        )
+        .where(Preference.recipient_id == Recipient.id)
+        .where((Preference.category_id.is_(None)) | (Preference.category_id == category_id))
+        .scalar_subquery()
+        .label("preferences")
+    )
+
+
 def next_batch(
     request: SendRequest,
     condition: Any,
@@ -320,7 +341,7 @@ class Planner:
         listed = _listed(request)
         self.preferences_in_rows = listed is not None and listed <= INLINE_RECIPIENTS
         if self.preferences_in_rows:
-            self.columns += (self._preferences_column(),)
+            self.columns += (_preferences_column(self.category.id if self.category else None),)
 
     def plan_batch(self, recipient_ids: list[int]) -> PlannedBatch:
         """Write notifications, deliveries and channel batches for these recipients."""
@@ -626,26 +647,8 @@ class Planner:
         return at if at is not None and at > self.now else None
 
     # --- look-ups for a whole batch ----------------------------------------------------
-    def _preferences_column(self) -> Any:
-        """Each recipient's preferences that can apply to this request, as a JSON array of
-        [category id, channel, enabled] (NULL when there is none)."""
-        category_id = self.category.id if self.category else None
-        return (
-            select(
-                func.jsonb_agg(
-                    func.jsonb_build_array(
-                        Preference.category_id, Preference.channel, Preference.enabled
-                    )
-                )
-            )
-            .where(Preference.recipient_id == Recipient.id)
-            .where((Preference.category_id.is_(None)) | (Preference.category_id == category_id))
-            .scalar_subquery()
-            .label("preferences")
-        )
-
     def _preferences_of(self, recipients: Sequence[Any]) -> dict[int, dict[PrefKey, bool]]:
-        """:meth:`_disabled_preferences` of rows read with :meth:`_preferences_column`."""
+        """:meth:`_disabled_preferences` of rows read with :func:`_preferences_column`."""
         prefs: dict[int, dict[PrefKey, bool]] = defaultdict(dict)
         for recipient in recipients:
             for cat, channel, enabled in recipient.preferences or ():
@@ -1070,6 +1073,8 @@ def plan(
 
 # The request, locked, with what planning reads of it and the organization's enabled in-app
 # providers by priority (a row per provider, or one row with None for none). Built once.
+# Only the columns planning reads of the others: the driver describes every column of the
+# result on every execution (a column not loaded here is read if something asks for it).
 _LOAD = (
     select(SendRequest, Template, TemplateVersion, Category, Organization, Provider)
     .join(Organization, Organization.id == SendRequest.organization_id)
@@ -1085,6 +1090,25 @@ _LOAD = (
     .where(SendRequest.id == bindparam("send_request_id"))
     .order_by(Provider.priority, Provider.id)
     .with_for_update(of=SendRequest, key_share=True)
+    .options(
+        load_only(Template.organization_id, Template.key, Template.category_id),
+        load_only(TemplateVersion.organization_id, TemplateVersion.content),
+        load_only(
+            Category.organization_id,
+            Category.key,
+            Category.name,
+            Category.critical,
+            Category.default_channels,
+        ),
+        load_only(Organization.name, Organization.settings),
+        load_only(
+            Provider.organization_id,
+            Provider.channel,
+            Provider.kind,
+            Provider.name,
+            Provider.rate_limit_per_second,
+        ),
+    )
 )
 
 
