@@ -6,12 +6,12 @@ from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from tests.factories import SYSTEM
-from tests.pipeline.conftest import CONTENT
+from tests.pipeline.conftest import CONTENT, assert_counters_match_ledger
 from whistle_web.channels.kinds import Channel
-from whistle_web.deliveries.models import Delivery
+from whistle_web.deliveries.models import Delivery, DeliveryStat, StatScope
 from whistle_web.deliveries.planner import next_local_time, plan, quiet_hours_end
 from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause
 from whistle_web.extensions import db
@@ -92,6 +92,28 @@ def test_each_rule_suppresses_with_its_reason(
     assert rows[(opted_out.id, "email")].suppression_reason == SuppressionCause.PREFERENCE
     assert rows[(opted_out.id, "sms")].suppression_reason == SuppressionCause.NO_ADDRESS
     assert rows[(no_email.id, "email")].suppression_reason == SuppressionCause.NO_ADDRESS
+    # The planning statement bumps the funnels by what it wrote, in every scope.
+    for scope, scope_id in ((StatScope.TEMPLATE, t.id), (StatScope.ORGANIZATION, org.id)):
+        counts = assert_counters_match_ledger(org.id, scope, scope_id)
+        assert counts["targeted"] == 15 and counts["queued"] == 2 and counts["suppressed"] == 13
+    with organization_scope(org.id):
+        reasons = dict(
+            db.session.execute(
+                select(DeliveryStat.metric, func.sum(DeliveryStat.value))
+                .where(
+                    DeliveryStat.scope == StatScope.TEMPLATE,
+                    DeliveryStat.channel == Channel.EMAIL,
+                    DeliveryStat.metric.like("suppressed:%"),
+                )
+                .group_by(DeliveryStat.metric)
+            ).all()
+        )
+    assert reasons == {
+        f"suppressed:{SuppressionCause.UNSUBSCRIBED}": 1,
+        f"suppressed:{SuppressionCause.SUPPRESSION_LIST}": 1,
+        f"suppressed:{SuppressionCause.PREFERENCE}": 1,
+        f"suppressed:{SuppressionCause.NO_ADDRESS}": 1,
+    }
 
 
 def test_rules_apply_in_order(org, template, make_recipient, redis):

@@ -50,7 +50,6 @@ from whistle_web.deliveries.dispatch import (
     render_context,
     stored_provider,
 )
-from whistle_web.deliveries.ledger import CounterRow, bump_counters
 from whistle_web.deliveries.models import BatchStatus, Delivery, DeliveryBatch
 from whistle_web.deliveries.status import DeliveryStatus, SuppressionCause
 from whistle_web.extensions import db
@@ -136,8 +135,9 @@ def text_array(values: Iterable[Any]) -> str:
 
 # Notifications and deliveries of one batch in one statement: the arrays are bound once,
 # notifications already planned by an earlier run of this batch are skipped (and so are their
-# deliveries), and what was written comes back aggregated for the counters and batch sizes,
-# with the ids of the in-app items written as sent (to publish them after the commit).
+# deliveries), the funnel counters are bumped by what was written, and that comes back
+# aggregated for the batch sizes, with the ids of the in-app items written as sent (to
+# publish them after the commit).
 _INSERT_BATCH = text(
     """
 WITH n AS (
@@ -177,14 +177,42 @@ WITH n AS (
     ORDER BY v.ord
     RETURNING id, notification_id, recipient_id, channel, status, suppression_reason,
               batch_id, inbox_seq, created_at
+), g AS (
+    SELECT channel, status, suppression_reason, batch_id, count(*) AS n,
+           array_agg(id) FILTER (WHERE status = 'sent') AS sent_ids,
+           array_agg(notification_id) FILTER (WHERE status = 'sent') AS sent_notifications,
+           array_agg(recipient_id) FILTER (WHERE status = 'sent') AS sent_recipients,
+           array_agg(inbox_seq) FILTER (WHERE status = 'sent') AS sent_seqs,
+           min(created_at) AS created_at
+    FROM d GROUP BY 1, 2, 3, 4
+), counted AS (
+    -- Every delivery written is targeted, then suppressed (and why) or queued, and sent
+    -- when written sent: ledger.bump_counters' metrics, from what was written.
+    SELECT g.channel, m.metric, sum(g.n) AS n
+    FROM g CROSS JOIN LATERAL (VALUES
+        ('targeted'),
+        (CASE WHEN g.status = 'suppressed' THEN 'suppressed' ELSE 'queued' END),
+        (CASE WHEN g.status = 'suppressed' THEN 'suppressed:' || g.suppression_reason END),
+        (CASE WHEN g.status = 'sent' THEN 'sent' END)
+    ) AS m(metric)
+    WHERE m.metric IS NOT NULL
+    GROUP BY 1, 2
+), bumped AS (
+    INSERT INTO delivery_stats AS s
+        (organization_id, scope, scope_id, channel, metric, bucket, value)
+    SELECT :org, f.scope, f.scope_id, c.channel, c.metric, CAST(:bucket AS timestamptz), c.n
+    FROM counted c
+    CROSS JOIN (VALUES ('organization', CAST(:org AS bigint)),
+                       ('campaign', CAST(:campaign AS bigint)),
+                       ('template', CAST(:template AS bigint))) AS f(scope, scope_id)
+    WHERE f.scope_id IS NOT NULL
+    -- bump_counters' order (byte order, as Python sorts): writers lock counter rows alike.
+    ORDER BY f.scope COLLATE "C", f.scope_id, c.channel COLLATE "C", c.metric COLLATE "C"
+    ON CONFLICT ON CONSTRAINT uq_delivery_stats_key DO UPDATE SET value = s.value + EXCLUDED.value
 )
-SELECT channel, status, suppression_reason, batch_id, count(*),
-       array_agg(id) FILTER (WHERE status = 'sent'),
-       array_agg(notification_id) FILTER (WHERE status = 'sent'),
-       array_agg(recipient_id) FILTER (WHERE status = 'sent'),
-       array_agg(inbox_seq) FILTER (WHERE status = 'sent'),
-       min(created_at)
-FROM d GROUP BY 1, 2, 3, 4
+SELECT channel, status, batch_id, n, sent_ids, sent_notifications, sent_recipients, sent_seqs,
+       created_at
+FROM g
 """
 )
 # What the rules need of each recipient.
@@ -455,33 +483,15 @@ class Planner:
                 "d_batches": "{" + ",".join(batch_of[k] if k else "NULL" for k in d_batched) + "}",
                 "d_ids": "{" + ",".join("NULL" if i is None else str(i) for i in d_ids) + "}",
                 "d_rendered": json.dumps(d_rendered, separators=(",", ":")),
+                # The hour bump_counters adds an increment at self.now to.
+                "bucket": self.now.astimezone(UTC).replace(minute=0, second=0, microsecond=0),
             },
         ).all()
 
-        counters: list[CounterRow] = []
         sizes: Counter[int] = Counter()
         published: list[str] = []
-        campaign_id, template_id = self.request.campaign_id, self.request.template_id
-        for channel, status, reason, batch_id, count, *sent_rows in written:
-            row = CounterRow(campaign_id, template_id, channel, "targeted", self.now, count)
-            counters.append(row)
-            if status == suppressed_status:
-                counters.append(
-                    CounterRow(campaign_id, template_id, channel, "suppressed", self.now, count)
-                )
-                counters.append(
-                    CounterRow(
-                        campaign_id, template_id, channel, f"suppressed:{reason}", self.now, count
-                    )
-                )
-                continue
-            counters.append(
-                CounterRow(campaign_id, template_id, channel, "queued", self.now, count)
-            )
+        for _channel, status, batch_id, count, *sent_rows in written:
             if status == DeliveryStatus.SENT.value:
-                counters.append(
-                    CounterRow(campaign_id, template_id, channel, "sent", self.now, count)
-                )
                 published += self._in_app_frames(sent_rows, contents)
             if batch_id is not None:
                 sizes[batch_id] += count
@@ -494,7 +504,6 @@ class Planner:
             if size != batch.size:
                 batch.size = size
             created.append(batch.id)
-        bump_counters(counters)
         return PlannedBatch(created, len(recipients), published)
 
     # --- in-app items written as sent -------------------------------------------------
