@@ -63,6 +63,49 @@ def _sent() -> int:
     )
 
 
+def _state(redis, log: Path) -> str:
+    """What a stuck run looks like: batches, send requests, deliveries, queues, the log."""
+    from rq import Queue
+    from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+    from whistle_web.deliveries.models import DeliveryBatch
+    from whistle_web.models import SendRequest
+    from workers.queues import QUEUES
+
+    db.session.rollback()
+    batches = db.session.execute(
+        unscoped(
+            select(
+                DeliveryBatch.id,
+                DeliveryBatch.channel,
+                DeliveryBatch.status,
+                DeliveryBatch.heartbeat_at,
+            ).order_by(DeliveryBatch.id)
+        )
+    ).all()
+    requests = db.session.execute(
+        unscoped(select(SendRequest.id, SendRequest.status, SendRequest.heartbeat_at))
+    ).all()
+    deliveries = db.session.execute(
+        unscoped(select(Delivery.status, func.count()).group_by(Delivery.status))
+    ).all()
+    db.session.rollback()
+    queues = {
+        name: (
+            Queue(name, connection=redis).count,
+            StartedJobRegistry(name, connection=redis).get_job_ids(),
+            FailedJobRegistry(name, connection=redis).get_job_ids(),
+        )
+        for name in QUEUES
+    }
+    unfinished = [b for b in batches if str(b.status) != "done"]
+    return (
+        f"send requests {requests}\ndeliveries {deliveries}\n{len(batches)} batches, not done:"
+        f" {unfinished}\nqueues (waiting, started, failed) {queues}\n"
+        f"log:\n{log.read_text()[-3000:]}"
+    )
+
+
 @pytest.mark.committed
 def test_kill_9_mid_send_loses_nothing_and_sends_nothing_twice(
     app, org, make_template, tmp_path, redis, monkeypatch
@@ -138,7 +181,7 @@ def test_kill_9_mid_send_loses_nothing_and_sends_nothing_twice(
             )
             if status == CampaignStatus.COMPLETED:
                 break
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, _state(redis, log)
             time.sleep(1.0)
     finally:
         for process in [*workers, sink]:
