@@ -299,3 +299,33 @@ def test_a_sent_campaign_can_be_neither_edited_nor_deleted(org, audience, jobs):
         delete_campaign(draft.id, actor=SYSTEM)
         assert db.session.get(Campaign, draft.id) is None
         assert db.session.get(Campaign, campaign.id) is not None
+
+
+def test_a_job_taken_by_a_worker_killed_before_it_started_is_revived(
+    org, audience, jobs, statuses, redis
+):
+    """kill -9 between a worker taking a job off its queue and marking it started leaves
+    the job "queued" in no queue: the sweeper must not wait for it."""
+    from rq import Queue
+
+    from workers.queues import DEFAULT
+    from workers.sending import batch_job_id
+
+    campaign = _campaign(org)
+    with organization_scope(org.id):
+        launch_campaign(campaign.id, actor=SYSTEM)
+    request = _request(org, campaign)
+    plan_send_request(request.id, org.id)
+    queue = Queue(DEFAULT, connection=redis)
+    taken = queue.job_ids
+    assert {batch_job_id(b) for b in _batches(org, request)} <= set(taken)
+    for job_id in taken:  # what the killed worker did: the ids left the queue, nothing else
+        queue.remove(job_id)
+    assert queue.count == 0
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    assert tick(later)["revived"] == len(_batches(org, request))
+    jobs()
+    assert statuses() == {"sent": 25}
+    with organization_scope(org.id):
+        db.session.refresh(campaign)
+        assert campaign.status == CampaignStatus.COMPLETED

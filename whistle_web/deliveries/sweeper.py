@@ -12,6 +12,7 @@ import logging
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
+from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from sqlalchemy import or_, select, text, update
@@ -55,12 +56,26 @@ ALIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHE
 
 
 def job_alive(job_id: str, *, started_counts: bool = True) -> bool:
-    """Whether the job is waiting or running (``started_counts=False``: only waiting)."""
+    """Whether the job is waiting or running (``started_counts=False``: only waiting).
+
+    "Queued" is checked against the queue itself: a worker killed between taking a job off
+    its queue and marking it started leaves it "queued" for ever, in no queue at all.
+    """
+    redis = get_redis()
     try:
-        status = Job.fetch(job_id, connection=get_redis()).get_status()
+        job = Job.fetch(job_id, connection=redis)
     except NoSuchJobError:
         return False
-    return status in ALIVE and (started_counts or status != JobStatus.STARTED)
+    status = job.get_status()
+    if status == JobStatus.STARTED:
+        return started_counts
+    if status == JobStatus.QUEUED:
+        queue = Queue(job.origin, connection=redis)
+        # Waiting, or just taken by a worker that has not marked it started yet.
+        return any(
+            redis.lpos(key, job_id) is not None for key in (queue.key, queue.intermediate_queue_key)
+        )
+    return status in ALIVE
 
 
 def start_due_send_requests(now: datetime) -> int:
