@@ -547,6 +547,10 @@ def bench_app(args: argparse.Namespace) -> Iterator[Any]:
             yield app
         finally:
             get_redis().flushdb()
+            from whistle_web.extensions import db
+
+            db.session.remove()
+            db.engine.dispose()  # the database is dropped at exit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -33,22 +33,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
-import atexit  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 from bench.broadcast import (  # noqa: E402
+    bench_app,
     cpu_seconds,
-    drop_database,
     exit_on_sigterm,
-    local_url,
     make_organization,
-    recreate_database,
     wait_until_quiet,
 )
 
@@ -209,29 +204,6 @@ def verify(org_id: int, request_ids: list[int]) -> None:
     statuses = {str(s): n for s, n in sent}
     if failed or planned != len(request_ids) or statuses != {"sent": len(request_ids)}:
         raise SystemExit(f"wrong outcome: {failed} failed jobs, {planned} planned, {statuses}")
-
-
-@contextlib.contextmanager
-def bench_app(args: argparse.Namespace) -> Iterator[Any]:
-    os.environ["DATABASE_URL"] = local_url(args.database_url, "--database-url")
-    os.environ["REDIS_URL"] = local_url(args.redis_url, "--redis-url")
-    os.environ.setdefault("WHISTLE_LOG_LEVEL", "WARNING")
-    recreate_database(args.database_url)
-    if not args.keep:
-        atexit.register(drop_database, args.database_url)
-    from whistle_web import create_app, get_redis
-
-    app = create_app()
-    with app.app_context():
-        get_redis().flushdb()  # the bench's own Redis database
-        try:
-            yield app
-        finally:
-            get_redis().flushdb()
-            from whistle_web.extensions import db
-
-            db.session.remove()
-            db.engine.dispose()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
