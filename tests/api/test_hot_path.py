@@ -173,6 +173,11 @@ def _send_requests(org) -> list[SendRequest]:  # type: ignore[no-untyped-def]
             "channels[1]",
             "The template has no sms content.",
         ),
+        (  # the path indexes the list as sent, repeats included
+            {"template": "mail-only", "channels": ["email", "email", "sms"]},
+            "channels[2]",
+            "The template has no sms content.",
+        ),
         ({"to": ["u-1", "nobody"]}, "to[1]", "No recipient 'nobody'"),
     ],
 )

@@ -49,9 +49,9 @@ def check_channels(channels: list[str] | None, version: TemplateVersion) -> list
     Raises:
         ValidationError: an unknown channel, or one the template has no content for.
     """
-    channels = _check_channel_names(channels)
-    _check_content(channels, version.content)
-    return channels
+    checked = _check_channel_names(channels)
+    _check_content(channels, version.content)  # field paths index the list as given
+    return checked
 
 
 def _check_channel_names(channels: list[str] | None) -> list[str] | None:
@@ -301,7 +301,7 @@ def trigger(
     audiences = [a for a in (to, topic, segment_id) if a not in (None, [])]
     if len(audiences) != 1:
         raise ValidationError.single("to", "Give exactly one of to, topic or segment.")
-    channels = _check_channel_names(channels)
+    requested, channels = channels, _check_channel_names(channels)
     if send_at is not None and send_at.tzinfo is None:
         raise ValidationError.single("send_at", "Give a time zone (RFC 3339, e.g. ...Z).")
     external_ids: list[str] = []
@@ -342,7 +342,7 @@ def trigger(
             with _statement_connection() as (conn, committed):
                 found, request = _insert_send_request(conn, template_key, external_ids, values)
             if request is None:
-                raise _refusal(template_key, found, channels, to)
+                raise _refusal(template_key, found, requested, to)
         due = request.send_at <= now
         if not committed:
             # Nothing else changes this row before the answer is written: keep its loaded
