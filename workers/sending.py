@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from rq import Queue
@@ -51,22 +51,29 @@ def batch_job_id(batch_id: int) -> str:
 
 
 def enqueue_planning(request: SendRequest) -> Job:
-    """Enqueue the planning job in one Redis round trip (``enqueue`` takes two)."""
-    queue_name = HIGH if request.kind == SendRequestKind.TRIGGER else DEFAULT
-    (job,) = Queue(queue_name, connection=get_redis()).enqueue_many(
+    """Enqueue the planning job of one send request in one Redis round trip."""
+    (job,) = enqueue_plannings([(request.id, request.organization_id)], kind=request.kind)
+    return job
+
+
+def enqueue_plannings(requests: Sequence[tuple[int, int]], *, kind: SendRequestKind) -> list[Job]:
+    """Enqueue the planning jobs of send requests given as (id, organization id), all in
+    one Redis round trip (``enqueue`` takes two per job)."""
+    queue = Queue(HIGH if kind == SendRequestKind.TRIGGER else DEFAULT, connection=get_redis())
+    return queue.enqueue_many(
         [
             Queue.prepare_data(
                 plan_send_request,
-                args=(request.id, request.organization_id),
-                job_id=planning_job_id(request.id),
+                args=(request_id, organization_id),
+                job_id=planning_job_id(request_id),
                 timeout=JOB_TIMEOUT,
                 failure_ttl=FAILURE_TTL,
                 result_ttl=3600,
-                description=f"plan send request {request.id}",
+                description=f"plan send request {request_id}",
             )
+            for request_id, organization_id in requests
         ]
     )
-    return job
 
 
 def enqueue_batches(

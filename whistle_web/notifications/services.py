@@ -2,20 +2,25 @@
 
 Nothing is sent here. A trigger writes one send request and enqueues one planning job
 after the commit; the planner and channel workers do the rest (DESIGN.md "The send path").
+Under load, the triggers of concurrent requests are written by one statement and enqueued
+by one Redis round trip (`whistle_web.group_commit`), each request answered with its own.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager, nullcontext
+import logging
+from collections.abc import Collection
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
+from flask import current_app
+from redis.exceptions import RedisError
 from sqlalchemy import Connection, Engine, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from whistle_web.audiences.models import Segment, Topic
 from whistle_web.channels.kinds import Channel
@@ -24,6 +29,7 @@ from whistle_web.deliveries.models import Delivery
 from whistle_web.deliveries.status import DeliveryStatus
 from whistle_web.errors import Actor, FieldError, InvalidState, NotFound, ValidationError
 from whistle_web.extensions import db
+from whistle_web.group_commit import GroupCommit
 from whistle_web.message_templates.models import TemplateVersion
 from whistle_web.notifications.models import (
     Notification,
@@ -38,6 +44,8 @@ from whistle_web.recipients.services import (
     validate_profile,
 )
 from whistle_web.tenancy import require_organization_id
+
+log = logging.getLogger(__name__)
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 MAX_INLINE_RECIPIENTS = 10_000
@@ -93,48 +101,68 @@ class _Lookup:
     recipients: dict[str, int]  # external id -> id, of those asked for that exist
 
 
-# A trigger is one statement: it reads the template and the listed recipients and, when
-# they check out, inserts the send request, returning both what it found (to explain a
-# refusal) and the new row. The organization is bound explicitly (plain SQL is not seen by
-# the tenancy session event), and none of the ORM's per-statement work runs on the API's
-# busiest path. The conditions of the INSERT are the ones `_refusal` reports in words.
+@dataclass(frozen=True)
+class _Written:
+    """What the trigger statement found for one send request, and the row it inserted:
+    (id, status, audience, max_recipient_id, created_at), or None when it refused."""
+
+    found: _Lookup
+    row: tuple[Any, ...] | None
+
+
+# Triggers are written by one statement, for one send request or for several at once (see
+# `_group`): it reads each one's template and listed recipients and, when they check out,
+# inserts the send request, returning both what it found (to explain a refusal) and the new
+# row. Each input row carries its own organization, bound explicitly (plain SQL is not seen
+# by the tenancy session event: every join below is on the row's `org`), and none of the
+# ORM's per-statement work runs on the API's busiest path. The conditions of `accepted` are
+# the ones `_refusal` reports in words. Ids are drawn in `accepted` so that each inserted
+# row is matched to its input row by id, whatever order the INSERT returns them in.
 _TRIGGER_SQL = """
-WITH template AS (
-    SELECT t.id, t.published_version_id,
-           ARRAY(SELECT jsonb_object_keys(v.content)) AS channels
-    FROM templates t
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(
+        n int, org bigint, kind text, key text, external_ids text[], ids bigint[],
+        audience jsonb, data jsonb, channels text[], idempotency_key text,
+        send_at timestamptz, local_send_time time, bounded boolean, actor text)
+), found AS (
+    SELECT x.n, t.id AS template_id, t.published_version_id AS version_id,
+           ARRAY(SELECT jsonb_object_keys(v.content)) AS content,
+           (SELECT jsonb_object_agg(r.external_id, r.id) FROM recipients r
+            WHERE r.organization_id = x.org AND r.external_id = ANY(x.external_ids)) AS listed
+    FROM input x
+    LEFT JOIN templates t ON t.organization_id = x.org AND t.key = x.key
     LEFT JOIN template_versions v
-           ON v.organization_id = %(org)s AND v.id = t.published_version_id
-    WHERE t.organization_id = %(org)s AND t.key = %(key)s
-), listed AS (
-    SELECT r.external_id, r.id FROM recipients r
-    WHERE r.organization_id = %(org)s AND r.external_id = ANY(%(external_ids)s)
+           ON v.organization_id = x.org AND v.id = t.published_version_id
+), accepted AS (
+    SELECT x.n, nextval(pg_get_serial_sequence('send_requests', 'id')) AS id
+    FROM input x JOIN found f ON f.n = x.n
+    WHERE f.version_id IS NOT NULL
+      AND (x.channels IS NULL OR x.channels <@ (f.content || '{webhook}'::text[]))
+      AND (SELECT count(*) FROM jsonb_object_keys(coalesce(f.listed, '{}'::jsonb)))
+          = cardinality(x.external_ids)
 ), inserted AS (
-    INSERT INTO send_requests (organization_id, kind, template_id, template_version_id,
+    INSERT INTO send_requests (id, organization_id, kind, template_id, template_version_id,
         audience, data, channels, idempotency_key, send_at, local_send_time,
         max_recipient_id, actor)
-    SELECT %(org)s, %(kind)s, t.id, t.published_version_id,
-        coalesce(%(audience)s::jsonb, jsonb_build_object('type', 'recipients', 'ids',
+    SELECT a.id, x.org, x.kind, f.template_id, f.version_id,
+        coalesce(x.audience, jsonb_build_object('type', 'recipients', 'ids',
             (SELECT coalesce(jsonb_agg(u.id ORDER BY u.id), '[]'::jsonb) FROM (
-                SELECT id FROM listed UNION SELECT unnest(%(ids)s::bigint[])) AS u))),
-        %(data)s::jsonb, %(channels)s, %(idempotency_key)s, %(send_at)s,
-        %(local_send_time)s,
-        CASE WHEN %(bounded)s THEN (SELECT coalesce(max(r.id), 0) FROM recipients r
-                                    WHERE r.organization_id = %(org)s) END,
-        %(actor)s
-    FROM template t
-    WHERE t.published_version_id IS NOT NULL
-      AND (%(channels)s::text[] IS NULL
-           OR %(channels)s::text[] <@ (t.channels || '{webhook}'::text[]))
-      AND (SELECT count(*) FROM listed) = %(listed)s
+                SELECT value::bigint AS id FROM jsonb_each_text(f.listed)
+                UNION SELECT unnest(x.ids)) AS u))),
+        x.data, x.channels, x.idempotency_key, x.send_at, x.local_send_time,
+        CASE WHEN x.bounded THEN (SELECT coalesce(max(r.id), 0) FROM recipients r
+                                  WHERE r.organization_id = x.org) END,
+        x.actor
+    FROM accepted a JOIN input x ON x.n = a.n JOIN found f ON f.n = a.n
+    ORDER BY a.id
     RETURNING id, status, audience, max_recipient_id, created_at
 )
-SELECT t.id, t.published_version_id, t.channels,
-       (SELECT jsonb_object_agg(l.external_id, l.id) FROM listed l),
+SELECT f.n, f.template_id, f.version_id, f.content, f.listed,
        i.id, i.status, i.audience, i.max_recipient_id, i.created_at
-FROM (SELECT 1) AS one
-LEFT JOIN template t ON true
-LEFT JOIN inserted i ON true
+FROM found f
+LEFT JOIN accepted a ON a.n = f.n
+LEFT JOIN inserted i ON i.id = a.id
+ORDER BY f.n
 """
 # What a new send request holds that the INSERT does not set (the columns' defaults).
 _FRESH = {
@@ -148,73 +176,134 @@ _FRESH = {
 }
 
 
-@contextmanager
-def _statement_connection() -> Iterator[tuple[Connection, bool]]:
-    """Where the trigger statement runs, and whether it commits on its own.
+def _write(conn: Connection, rows: list[dict[str, Any]]) -> list[_Written]:
+    """Run the trigger statement over ``rows`` (see `_statement_row`), in their order."""
+    payload = json.dumps([dict(row, n=n) for n, row in enumerate(rows)])
+    return [
+        _Written(
+            _Lookup(r[1], r[2], frozenset(r[3] or ()), r[4] or {}),
+            tuple(r[5:]) if r[5] is not None else None,
+        )
+        for r in conn.exec_driver_sql(_TRIGGER_SQL, {"rows": payload})
+    ]
 
-    The statement is atomic by itself: when the session has no transaction yet, it runs
-    on a connection of its own in autocommit, without BEGIN and COMMIT round trips.
-    Otherwise (profiles upserted first, an idempotency key looked up, an outer transaction
-    the session joined, as the tests' sessions do) it runs in the session's transaction,
-    which the caller commits.
+
+@dataclass(frozen=True)
+class _Pending:
+    row: dict[str, Any]  # the statement's input
+    due: bool  # enqueue its planning once written
+
+
+def _write_group(items: list[_Pending]) -> list[_Written | BaseException]:
+    """Write the send requests of concurrent triggers with one statement in autocommit (no
+    BEGIN or COMMIT round trips) and enqueue the due ones' planning in one Redis round trip.
+
+    The statement is atomic: should it fail, each trigger is written alone, so that one bad
+    row fails only its own request.
     """
-    session = db.session()
-    bind = session.get_bind()
-    if session.in_transaction() or not isinstance(bind, Engine):
-        yield session.connection(), False
-        return
-    with bind.connect() as conn:
-        yield conn.execution_options(isolation_level="AUTOCOMMIT"), True
-
-
-def _insert_send_request(
-    conn: Connection, template_key: str, external_ids: list[str], values: dict[str, Any]
-) -> tuple[_Lookup, SendRequest | None]:
-    """Look up the template and listed recipients and insert the send request if they
-    check out, in one statement and without the unit of work's flush.
-
-    ``values`` are the send request's columns; ``audience`` None means "the listed
-    recipients" (plus ``ids``, recipients created from profiles just before).
-
-    Returns:
-        What was found, and the new row as a persistent object of the session (as if it
-        had been flushed), or None when nothing was inserted.
-    """
-    listed = sorted(set(external_ids))
-    params = dict(
-        values,
-        org=require_organization_id(),
-        key=template_key,
-        external_ids=listed,
-        listed=len(listed),
-        audience=json.dumps(values["audience"]) if values["audience"] is not None else None,
-        data=json.dumps(values["data"]),
+    with db.engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            outcomes = list(_write(conn, [item.row for item in items]))
+        except DBAPIError:
+            if len(items) == 1:
+                raise
+            outcomes = [_write_alone(conn, item.row) for item in items]
+    _enqueue_planning(
+        [
+            (written.row[0], item.row["org"])
+            for item, written in zip(items, outcomes, strict=True)
+            if item.due and isinstance(written, _Written) and written.row is not None
+        ]
     )
-    row = conn.exec_driver_sql(_TRIGGER_SQL, params).one()
-    found = _Lookup(row[0], row[1], frozenset(row[2] or ()), row[3] or {})
-    if row[4] is None:
-        return found, None
+    return outcomes
+
+
+def _write_alone(conn: Connection, row: dict[str, Any]) -> _Written | BaseException:
+    try:
+        return _write(conn, [row])[0]
+    except DBAPIError as error:
+        return error
+
+
+def _enqueue_planning(requests: list[tuple[int, int]]) -> None:
+    """Enqueue the planning of written send requests, given as (id, organization id).
+
+    A written send request is accepted: should Redis fail here, the request is still
+    answered, and the sweeper enqueues its planning after its grace period
+    (`start_due_send_requests`). An error instead would invite the caller to send again.
+    """
+    from workers.sending import enqueue_plannings
+
+    if not requests:
+        return
+    try:
+        enqueue_plannings(requests, kind=SendRequestKind.TRIGGER)
+    except RedisError:
+        log.exception(
+            "could not enqueue the planning of send requests %s; the sweeper will",
+            [request_id for request_id, _ in requests],
+        )
+
+
+def _group() -> GroupCommit[_Pending, _Written]:
+    """This application's trigger group (the pool and Redis client it uses are its own)."""
+    group = current_app.extensions.get("whistle.trigger_group")
+    if group is None:
+        group = current_app.extensions["whistle.trigger_group"] = GroupCommit(_write_group)
+    return group
+
+
+def _groupable(session: Session) -> bool:
+    """Whether the statement may run outside the session, in autocommit, grouped with other
+    requests' triggers: only when the session has no transaction to join (none was opened
+    for profiles, an idempotency key or by an outer caller, as the tests' sessions are) and
+    it is bound to an engine."""
+    return not session.in_transaction() and isinstance(session.get_bind(), Engine)
+
+
+def _statement_row(
+    org: int, template_key: str, external_ids: list[str], values: dict[str, Any]
+) -> dict[str, Any]:
+    """One input row of the trigger statement, from the send request's ``values``
+    (``audience`` None means "the listed recipients", plus ``ids``: recipients created
+    from profiles just before)."""
+    local_time = values["local_send_time"]
+    return dict(
+        values,
+        org=org,
+        key=template_key,
+        external_ids=sorted(set(external_ids)),
+        send_at=values["send_at"].isoformat(),
+        local_send_time=local_time.isoformat() if local_time is not None else None,
+    )
+
+
+def _as_send_request(row: dict[str, Any], values: dict[str, Any], written: _Written) -> SendRequest:
+    """The inserted row as a persistent object of the session (as if it had been flushed)."""
+    assert written.row is not None
+    request_id, status, audience, max_recipient_id, created_at = written.row
     request = SendRequest(
-        id=row[4],
-        organization_id=params["org"],
+        id=request_id,
+        organization_id=row["org"],
         kind=SendRequestKind(values["kind"]),
-        status=SendRequestStatus(row[5]),
-        template_id=found.template_id,
-        template_version_id=found.version_id,
-        audience=row[6],
+        status=SendRequestStatus(status),
+        template_id=written.found.template_id,
+        template_version_id=written.found.version_id,
+        audience=audience,
         data=values["data"],
         channels=values["channels"],
         idempotency_key=values["idempotency_key"],
         send_at=values["send_at"],
         local_send_time=values["local_send_time"],
-        max_recipient_id=row[7],
+        max_recipient_id=max_recipient_id,
         actor=values["actor"],
-        created_at=row[8],
+        created_at=created_at,
         **_FRESH,
     )
     make_transient_to_detached(request)
     db.session.add(request)
-    return found, request
+    return request
 
 
 def _refusal(
@@ -292,7 +381,7 @@ def trigger(
     Raises:
         ValidationError: bad template, audience, channels or recipients (field paths given).
     """
-    require_organization_id()
+    org = require_organization_id()
     now = datetime.now(UTC)
     if idempotency_key:
         existing = _idempotent_match(idempotency_key, now)
@@ -339,12 +428,20 @@ def trigger(
         with session.begin_nested() if profiles else nullcontext():
             if profiles:
                 values["ids"] = list(upsert_recipients(profiles).values())
-            with _statement_connection() as (conn, committed):
-                found, request = _insert_send_request(conn, template_key, external_ids, values)
-            if request is None:
-                raise _refusal(template_key, found, requested, to)
-        due = request.send_at <= now
-        if not committed:
+            row = _statement_row(org, template_key, external_ids, values)
+            due = values["send_at"] <= now
+            # Outside a transaction the statement commits by itself, grouped with other
+            # requests' triggers, and the group enqueues their planning; inside one the
+            # caller's commit covers it, and planning is enqueued after that commit.
+            grouped = _groupable(session)
+            if grouped:
+                written = _group().submit(_Pending(row, due))
+            else:
+                (written,) = _write(session.connection(), [row])
+            if written.row is None:
+                raise _refusal(template_key, written.found, requested, to)
+            request = _as_send_request(row, values, written)
+        if not grouped:
             # Nothing else changes this row before the answer is written: keep its loaded
             # values instead of reading it back after the commit.
             session.expire_on_commit = False
@@ -358,10 +455,8 @@ def trigger(
         return existing
     finally:
         session.expire_on_commit = True
-    if due:
-        from workers.sending import enqueue_planning
-
-        enqueue_planning(request)
+    if due and not grouped:
+        _enqueue_planning([(request.id, org)])
     return request
 
 

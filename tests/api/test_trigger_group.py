@@ -1,0 +1,220 @@
+"""Triggers written together: concurrent requests' send requests go in one statement and
+their planning in one Redis round trip, and each request still gets exactly its own answer,
+in its own organization (production's case: no transaction open, so these tests commit)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from rq import Queue
+from sqlalchemy import event, select
+
+from tests.pipeline.conftest import CONTENT
+from whistle_web.errors import Actor, ValidationError
+from whistle_web.extensions import db
+from whistle_web.group_commit import GroupCommit
+from whistle_web.models import SendRequest, Topic
+from whistle_web.notifications import services
+from whistle_web.notifications.services import trigger
+from whistle_web.tenancy import organization_scope, unscoped
+from workers.queues import HIGH
+
+pytestmark = pytest.mark.committed
+ACTOR = Actor("api_key", 1, "API key whk_test")
+
+
+@pytest.fixture
+def tenants(org, other_org, make_template, make_recipient):  # type: ignore[no-untyped-def]
+    """Two organizations with the same template key and an external id in common."""
+    make_template(org, "welcome", CONTENT)
+    make_template(other_org, "welcome", {"in_app": CONTENT["in_app"]})
+    ids = {
+        (org.id, "u-1"): make_recipient(org, "u-1").id,
+        (org.id, "u-2"): make_recipient(org, "u-2").id,
+        (other_org.id, "u-1"): make_recipient(other_org, "u-1").id,
+    }
+    with organization_scope(org.id):
+        topic = Topic(key="news", name="News")
+        db.session.add(topic)
+        db.session.flush()
+    db.session.commit()
+    return org.id, other_org.id, topic.id, ids
+
+
+def held_group(app: Any, monkeypatch: pytest.MonkeyPatch, waiting: int) -> list[list[Any]]:
+    """Make the app's trigger group hold its first batch until ``waiting`` triggers queue
+    behind it, so that they are written together. Returns the batches."""
+    batches: list[list[Any]] = []
+    group: GroupCommit[Any, Any]
+
+    def run(items: list[Any]) -> list[Any]:
+        batches.append(items)
+        if len(batches) == 1:
+            deadline = time.monotonic() + 10
+            while len(group._queue) < waiting:
+                assert time.monotonic() < deadline, "the triggers never queued up"
+                time.sleep(0.001)
+        return services._write_group(items)
+
+    group = GroupCommit(run)
+    monkeypatch.setitem(app.extensions, "whistle.trigger_group", group)
+    return batches
+
+
+def run_concurrently(app: Any, calls: list[tuple[int, dict[str, Any]]]) -> list[Any]:
+    """Trigger each (organization, arguments) from its own thread, with its own app context
+    and session, as gunicorn's greenlets do. The first starts alone; the rest start once
+    it is being written. Returns each outcome: (id, organization, audience, max recipient
+    id) or the ValidationError's field errors."""
+    outcomes: list[Any] = [None] * len(calls)
+
+    def call(i: int) -> None:
+        org_id, kwargs = calls[i]
+        with app.app_context(), organization_scope(org_id):
+            try:
+                sr = trigger(actor=ACTOR, **kwargs)
+                outcomes[i] = (sr.id, sr.organization_id, sr.audience, sr.max_recipient_id)
+            except ValidationError as error:
+                outcomes[i] = [(e.field, e.message) for e in error.errors]
+            finally:
+                db.session.remove()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+    threads[0].start()
+    group = app.extensions["whistle.trigger_group"]
+    deadline = time.monotonic() + 10
+    while group.batches == 0 and not group._running:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    for thread in threads[1:]:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    return outcomes
+
+
+def test_concurrent_triggers_are_written_together_each_in_its_own_organization(
+    app, tenants, redis, monkeypatch
+):  # type: ignore[no-untyped-def]
+    a, b, topic_id, ids = tenants
+    calls = [
+        (a, {"template_key": "welcome", "to": ["u-1"]}),
+        (a, {"template_key": "welcome", "to": ["u-2", "u-1", "u-2"], "data": {"n": 2}}),
+        (b, {"template_key": "welcome", "to": ["u-1"], "channels": ["in_app"]}),
+        (a, {"template_key": "welcome", "to": ["nobody"]}),
+        (b, {"template_key": "missing", "to": ["u-1"]}),
+        (b, {"template_key": "welcome", "to": ["u-2"]}),  # u-2 is the other tenant's
+        (b, {"template_key": "welcome", "to": ["u-1"], "channels": ["email"]}),
+        (a, {"template_key": "welcome", "topic": "news"}),
+    ]
+    # The topic's trigger read the topic in the session's transaction first: its statement
+    # joins that transaction instead of the group.
+    batches = held_group(app, monkeypatch, waiting=len(calls) - 2)
+    statements: list[str] = []
+    record = lambda *args: statements.append(args[2].split()[0])  # noqa: E731
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        out = run_concurrently(app, calls)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+
+    assert [len(batch) for batch in batches] == [1, 6]
+    assert statements.count("WITH") == 3  # the two batches' and the topic trigger's
+    assert out[0][1:] == (a, {"type": "recipients", "ids": [ids[a, "u-1"]]}, None)
+    assert out[1][1:] == (
+        a,
+        {"type": "recipients", "ids": sorted([ids[a, "u-1"], ids[a, "u-2"]])},
+        None,
+    )
+    assert out[2][1:] == (b, {"type": "recipients", "ids": [ids[b, "u-1"]]}, None)
+    assert out[3] == [("to[0]", "No recipient 'nobody'; send a profile object to create one.")]
+    assert out[4] == [("template", "No template with key 'missing'.")]
+    assert out[5] == [("to[0]", "No recipient 'u-2'; send a profile object to create one.")]
+    assert out[6] == [("channels[0]", "The template has no email content.")]
+    # A topic is bounded by its own organization's recipients, not the other's.
+    assert out[7][1:] == (a, {"type": "topic", "id": topic_id}, max(ids[a, "u-1"], ids[a, "u-2"]))
+
+    accepted = {o[0]: o[1] for o in out if isinstance(o, tuple)}
+    with app.app_context():
+        rows = db.session.execute(
+            unscoped(select(SendRequest.id, SendRequest.organization_id, SendRequest.data))
+        ).all()
+        db.session.remove()
+    assert {r.id: r.organization_id for r in rows} == accepted
+    assert next(r.data for r in rows if r.id == out[1][0]) == {"n": 2}
+    # Planning enqueued for exactly the written ones, each with its own organization.
+    jobs = Queue(HIGH, connection=redis).get_jobs()
+    assert sorted(tuple(job.args) for job in jobs) == sorted(accepted.items())
+
+
+def test_a_row_the_database_refuses_fails_only_its_own_trigger(app, tenants, redis):  # type: ignore[no-untyped-def]
+    a, b, _, _ = tenants
+    now = datetime.now(UTC)
+
+    def pending(org_id: int, data: dict[str, Any]) -> services._Pending:
+        values = {
+            "kind": "trigger",
+            "audience": None,
+            "ids": [],
+            "data": data,
+            "channels": None,
+            "idempotency_key": None,
+            "send_at": now,
+            "local_send_time": None,
+            "bounded": False,
+            "actor": ACTOR.label,
+        }
+        return services._Pending(services._statement_row(org_id, "welcome", ["u-1"], values), True)
+
+    with app.app_context():
+        # PostgreSQL's jsonb has no \u0000: the statement fails for the whole batch.
+        outcomes = services._write_group(
+            [pending(a, {"x": 1}), pending(b, {"x": "\u0000"}), pending(b, {"x": 3})]
+        )
+        rows = db.session.execute(
+            unscoped(select(SendRequest.organization_id, SendRequest.data))
+        ).all()
+        db.session.remove()
+    assert isinstance(outcomes[0], services._Written) and outcomes[0].row is not None
+    assert "unsupported Unicode escape sequence" in str(outcomes[1])
+    assert isinstance(outcomes[2], services._Written) and outcomes[2].row is not None
+    assert sorted(rows) == [(a, {"x": 1}), (b, {"x": 3})]
+    jobs = Queue(HIGH, connection=redis).get_jobs()
+    assert sorted(tuple(job.args) for job in jobs) == [
+        (outcomes[0].row[0], a),
+        (outcomes[2].row[0], b),
+    ]
+
+
+def test_a_written_trigger_is_accepted_when_redis_fails_and_the_sweeper_plans_it(
+    app, tenants, redis, monkeypatch, caplog
+):  # type: ignore[no-untyped-def]
+    """A send request in the database is accepted: answering an error would make the
+    caller send again, and the sweeper would plan both."""
+    a, _, _, _ = tenants
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise RedisConnectionError("Redis is restarting")
+
+    monkeypatch.setattr("workers.sending.enqueue_plannings", down)
+    with app.app_context(), organization_scope(a), caplog.at_level(logging.ERROR):
+        sr = trigger("welcome", to=["u-1"], actor=ACTOR)
+        request_id = sr.id
+        db.session.remove()
+    assert f"could not enqueue the planning of send requests [{request_id}]" in caplog.text
+    assert Queue(HIGH, connection=redis).count == 0
+    monkeypatch.undo()
+
+    from whistle_web.deliveries.sweeper import start_due_send_requests
+
+    with app.app_context():
+        assert start_due_send_requests(datetime.now(UTC) + timedelta(minutes=10)) == 1
+        db.session.remove()
+    (job,) = Queue(HIGH, connection=redis).get_jobs()
+    assert tuple(job.args) == (request_id, a)
