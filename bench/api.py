@@ -24,6 +24,7 @@ clients share this machine with the server, which the numbers include.
     .venv/bin/python bench/api.py --worker-class gthread
     .venv/bin/python bench/api.py --workers 1          # the Procfile's worker alongside
     .venv/bin/python bench/api.py --load python        # the Python clients instead of wrk
+    .venv/bin/python bench/api.py --server-log /tmp/gunicorn.log  # keep the access log
 """
 
 from __future__ import annotations
@@ -171,8 +172,10 @@ def seed(args: argparse.Namespace) -> tuple[str, int]:
     return issued.secret, org_id
 
 
-def count_send_requests(args: argparse.Namespace, org_id: int) -> int:
-    from sqlalchemy import func, select
+def count_send_requests(args: argparse.Namespace, org_id: int) -> tuple[int, int]:
+    """How many send requests were written, and by how many statements: the web process
+    groups concurrent triggers into one autocommit statement, whose rows share ``now()``."""
+    from sqlalchemy import distinct, func, select
 
     from whistle_web import create_app
     from whistle_web.extensions import db
@@ -181,10 +184,12 @@ def count_send_requests(args: argparse.Namespace, org_id: int) -> int:
 
     app = create_app()
     with app.app_context(), organization_scope(org_id):
-        count = db.session.scalar(select(func.count()).select_from(SendRequest))
+        count, statements = db.session.execute(
+            select(func.count(), func.count(distinct(SendRequest.created_at)))
+        ).one()
         db.session.rollback()
         db.engine.dispose()
-    return int(count or 0)
+    return int(count or 0), int(statements or 0)
 
 
 def flush_redis(args: argparse.Namespace) -> None:
@@ -447,6 +452,7 @@ def drive(
         "seconds": duration,
         "rps": len(latencies) / duration,
         "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p90_ms": percentile(latencies, 0.90) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
         "max_ms": (latencies[-1] if latencies else 0.0) * 1000,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
@@ -480,10 +486,11 @@ function done(summary, latency, requests)
     end
     local e = summary.errors
     io.write(string.format(
-        'WRK_RESULT {"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p99_us": %%d, '
-        .. '"max_us": %%d, "errors": %%d, "statuses": {%%s}}\\n',
-        summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-        latency.max, e.connect + e.read + e.write + e.timeout, table.concat(parts, ", ")))
+        'WRK_RESULT {"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p90_us": %%d, '
+        .. '"p99_us": %%d, "max_us": %%d, "errors": %%d, "statuses": {%%s}}\\n',
+        summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
+        latency:percentile(99), latency.max, e.connect + e.read + e.write + e.timeout,
+        table.concat(parts, ", ")))
 end
 """
 
@@ -544,6 +551,7 @@ def drive_wrk(
         "seconds": seconds,
         "rps": measured["requests"] / seconds,
         "p50_ms": measured["p50_us"] / 1000,
+        "p90_ms": measured["p90_us"] / 1000,
         "p99_ms": measured["p99_us"] / 1000,
         "max_ms": measured["max_us"] / 1000,
         "statuses": dict(sorted(measured["statuses"].items())),
@@ -658,6 +666,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--web-concurrency", type=int, default=None, help="gunicorn workers (WEB_CONCURRENCY)"
     )
     parser.add_argument(
+        "--server-log",
+        type=Path,
+        default=None,
+        help="keep gunicorn's log (access log included) at this path; with "
+        "GUNICORN_CMD_ARGS=\"--access-logformat '%%(p)s %%(D)s %%(r)s'\" it gives each "
+        "request's worker pid and time in the worker (µs)",
+    )
+    parser.add_argument(
         "--worker-class",
         choices=("gevent", "gthread"),
         default=None,
@@ -697,7 +713,8 @@ def exit_on_sigterm() -> None:
 def report(result: dict[str, Any]) -> None:
     print(
         f"{result['endpoint']:<28} {result['rps']:>8.0f} req/s   p50 {result['p50_ms']:6.1f} ms"
-        f"   p99 {result['p99_ms']:6.1f} ms   max {result['max_ms']:6.1f} ms"
+        f"   p90 {result['p90_ms']:6.1f} ms   p99 {result['p99_ms']:6.1f} ms"
+        f"   max {result['max_ms']:6.1f} ms"
         f"   statuses {result['statuses']}   connection errors {result['connection_errors']}",
         flush=True,
     )
@@ -712,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
     atexit.register(flush_redis, args)
     api_key, org_id = seed(args)
     with tempfile.TemporaryDirectory(prefix="whistle-bench-api-") as tmp:
-        server = Gunicorn(args, Path(tmp) / "gunicorn.log")
+        server = Gunicorn(args, args.server_log or Path(tmp) / "gunicorn.log")
         workers = Workers(args, Path(tmp))
         server.start()
         try:
@@ -769,10 +786,13 @@ def main(argv: list[str] | None = None) -> None:
             workers.stop()
             server.stop()
     accepted = results["trigger"]["statuses"].get("202", 0)
-    created = count_send_requests(args, org_id)
+    created, statements = count_send_requests(args, org_id)
     ratio = results["trigger"]["rps"] / results["health"]["rps"]
     p99 = results["trigger"]["p99_ms"]
-    print(f"send requests written: {created:,} (202 answers in the window: {accepted:,})")
+    print(
+        f"send requests written: {created:,} (202 answers in the window: {accepted:,}) "
+        f"by {statements:,} statements ({created / max(statements, 1):.2f} per statement)"
+    )
     print(
         f"ratio trigger/health: {ratio:.2f} (goal >= {GOAL_RATIO:.2f}: "
         f"{'met' if ratio >= GOAL_RATIO else 'NOT met'}); trigger p99 {p99:.1f} ms "
