@@ -25,17 +25,23 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 class Held:
-    """A ``run`` whose first batch waits until released, so that callers queue behind it."""
+    """A ``run`` whose first batch waits until released, so that callers queue behind it;
+    its ``fail``-th batch raises."""
 
-    def __init__(self, outcome: Callable[[int], Any] = lambda item: item * 10) -> None:
+    def __init__(
+        self, outcome: Callable[[int], Any] = lambda item: item * 10, fail: int = 0
+    ) -> None:
         self.release = threading.Event()
         self.batches: list[list[int]] = []
         self.outcome = outcome
+        self.fail = fail
 
     def __call__(self, items: list[int]) -> list[Any]:
         self.batches.append(list(items))
         if len(self.batches) == 1:
             assert self.release.wait(5)
+        if len(self.batches) == self.fail:
+            raise RuntimeError("connection lost")
         return [self.outcome(item) for item in items]
 
 
@@ -57,6 +63,21 @@ def submit_all(
     return outcomes, threads
 
 
+def behind_a_held_batch(
+    run: Held, group: GroupCommit[int, Any], first: int, rest: list[int]
+) -> tuple[Any, dict[int, Any]]:
+    """Submit ``first``, hold its batch until all of ``rest`` have queued behind it, then
+    let it go. Returns the outcome of ``first`` and of each of ``rest``."""
+    first_outcome, first_threads = submit_all(group, [first])
+    wait_for(lambda: len(run.batches) == 1)
+    outcomes, threads = submit_all(group, rest)
+    wait_for(lambda: len(group._queue) == len(rest))
+    run.release.set()
+    for thread in first_threads + threads:
+        thread.join(5)
+    return first_outcome[first], outcomes
+
+
 def test_a_lone_caller_runs_its_item_at_once() -> None:
     calls: list[list[int]] = []
     group: GroupCommit[int, int] = GroupCommit(lambda items: calls.append(items) or items)
@@ -68,14 +89,8 @@ def test_a_lone_caller_runs_its_item_at_once() -> None:
 def test_callers_arriving_during_a_batch_share_the_next_one() -> None:
     run = Held()
     group: GroupCommit[int, int] = GroupCommit(run)
-    first, first_threads = submit_all(group, [1])
-    wait_for(lambda: len(run.batches) == 1)
-    rest, threads = submit_all(group, list(range(2, 12)))
-    wait_for(lambda: len(group._queue) == 10)
-    run.release.set()
-    for thread in first_threads + threads:
-        thread.join(5)
-    assert first == {1: 10}
+    first, rest = behind_a_held_batch(run, group, 1, list(range(2, 12)))
+    assert first == 10
     assert rest == {item: item * 10 for item in range(2, 12)}
     assert [sorted(batch) for batch in run.batches] == [[1], list(range(2, 12))]
     assert (group.batches, group.items) == (2, 11)
@@ -88,44 +103,23 @@ def test_each_caller_gets_its_own_exception() -> None:
 
     run = Held(outcome)
     group: GroupCommit[int, int] = GroupCommit(run)
-    _, first = submit_all(group, [0])
-    wait_for(lambda: len(run.batches) == 1)
-    outcomes, threads = submit_all(group, [1, 2, 3, 4])
-    wait_for(lambda: len(group._queue) == 4)
-    run.release.set()
-    for thread in first + threads:
-        thread.join(5)
+    _, outcomes = behind_a_held_batch(run, group, 0, [1, 2, 3, 4])
     assert outcomes[2] == 2 and outcomes[4] == 4
     assert [str(outcomes[i]) for i in (1, 3)] == ["bad 1", "bad 3"]
     assert len(run.batches) == 2
 
 
 def test_a_failing_batch_fails_its_callers_and_the_next_batch_still_runs() -> None:
-    release = threading.Event()
-    batches: list[list[int]] = []
-
-    def run(items: list[int]) -> list[int]:
-        batches.append(items)
-        if len(batches) == 1:
-            assert release.wait(5)
-        if len(batches) == 2:
-            raise RuntimeError("connection lost")
-        return items
-
+    run = Held(fail=2)
     group: GroupCommit[int, int] = GroupCommit(run)
-    _, first = submit_all(group, [0])
-    wait_for(lambda: len(batches) == 1)
-    failed, threads = submit_all(group, [1, 2, 3])
-    wait_for(lambda: len(group._queue) == 3)
-    release.set()
-    for thread in first + threads:
-        thread.join(5)
+    first, failed = behind_a_held_batch(run, group, 0, [1, 2, 3])
+    assert first == 0
     assert {item: str(error) for item, error in failed.items()} == {
         1: "connection lost",
         2: "connection lost",
         3: "connection lost",
     }
-    assert group.submit(4) == 4  # the group is idle again, not stuck
+    assert group.submit(4) == 40  # the group is idle again, not stuck
 
 
 def test_a_run_returning_the_wrong_number_of_outcomes_is_an_error() -> None:
@@ -138,13 +132,7 @@ def test_a_run_returning_the_wrong_number_of_outcomes_is_an_error() -> None:
 def test_batches_hold_at_most_max_batch_items_and_the_rest_follow() -> None:
     run = Held()
     group: GroupCommit[int, int] = GroupCommit(run, max_batch=4)
-    _, first = submit_all(group, [0])
-    wait_for(lambda: len(run.batches) == 1)
-    outcomes, threads = submit_all(group, list(range(1, 11)))
-    wait_for(lambda: len(group._queue) == 10)
-    run.release.set()
-    for thread in first + threads:
-        thread.join(5)
+    _, outcomes = behind_a_held_batch(run, group, 0, list(range(1, 11)))
     assert outcomes == {item: item * 10 for item in range(1, 11)}
     assert [len(batch) for batch in run.batches] == [1, 4, 4, 2]
 
