@@ -25,6 +25,7 @@ clients share this machine with the server, which the numbers include.
     .venv/bin/python bench/api.py --workers 1          # the Procfile's worker alongside
     .venv/bin/python bench/api.py --load python        # the Python clients instead of wrk
     .venv/bin/python bench/api.py --server-log /tmp/gunicorn.log  # keep the access log
+    .venv/bin/python bench/api.py --idempotency-keys   # a key of its own on every trigger
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import uuid  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
@@ -363,6 +365,12 @@ class Target:
     path: str
     body: bytes | None
     headers: dict[str, str]
+    unique_header: str | None = None  # a header with a value of its own on every request
+
+    @property
+    def label(self) -> str:
+        unique = f" ({self.unique_header}s)" if self.unique_header else ""
+        return f"{self.method} {self.path}{unique}"
 
 
 def client_process(
@@ -389,9 +397,12 @@ def client_process(
             started_wall = time.time()
             if started_wall >= stop_at:
                 break
+            headers = target.headers
+            if target.unique_header:
+                headers = {**headers, target.unique_header: uuid.uuid4().hex}
             started = time.perf_counter()
             try:
-                conn.request(target.method, target.path, body=target.body, headers=target.headers)
+                conn.request(target.method, target.path, body=target.body, headers=headers)
                 response = conn.getresponse()
                 response.read()
                 status = response.status
@@ -447,7 +458,7 @@ def drive(
                 statuses[status] = statuses.get(status, 0) + n
     latencies.sort()
     return {
-        "endpoint": f"{target.method} {target.path}",
+        "endpoint": target.label,
         "requests": len(latencies),
         "seconds": duration,
         "rps": len(latencies) / duration,
@@ -472,7 +483,9 @@ end
 local threads = {}
 function setup(thread)
     table.insert(threads, thread)
+    thread:set("id", #threads)
 end
+%(unique)s
 function done(summary, latency, requests)
     local all = {}
     for _, thread in ipairs(threads) do
@@ -495,6 +508,19 @@ end
 """
 
 
+WRK_UNIQUE = """
+local prefix, counter = nil, 0
+function init(args)
+    prefix = args[1] .. "-" .. wrk.thread:get("id") .. "-"
+end
+function request()
+    counter = counter + 1
+    wrk.headers[%(header)s] = prefix .. counter
+    return wrk.format()
+end
+"""
+
+
 def _lua_string(text: str) -> str:
     return json.dumps(text)  # a JSON string is a valid Lua string literal for this text
 
@@ -507,10 +533,14 @@ def drive_wrk(
     headers = "\n".join(
         f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in target.headers.items()
     )
+    unique = ""
+    if target.unique_header:  # run nonce (wrk's argument) + thread + counter
+        unique = WRK_UNIQUE % {"header": _lua_string(target.unique_header)}
     script = WRK_SCRIPT % {
         "method": _lua_string(target.method),
         "body": _lua_string(target.body.decode()) if target.body else "nil",
         "headers": headers,
+        "unique": unique,
     }
     url = f"http://127.0.0.1:{port}{target.path}"
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
@@ -533,6 +563,8 @@ def drive_wrk(
                     "-s",
                     lua.name,
                     url,
+                    "--",
+                    uuid.uuid4().hex,
                 ],
                 capture_output=True,
                 text=True,
@@ -546,7 +578,7 @@ def drive_wrk(
         measured = run(duration)
     seconds = measured["duration_us"] / 1e6
     return {
-        "endpoint": f"{target.method} {target.path}",
+        "endpoint": target.label,
         "requests": measured["requests"],
         "seconds": seconds,
         "rps": measured["requests"] / seconds,
@@ -666,6 +698,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--web-concurrency", type=int, default=None, help="gunicorn workers (WEB_CONCURRENCY)"
     )
     parser.add_argument(
+        "--idempotency-keys",
+        action="store_true",
+        help="send every trigger with an Idempotency-Key of its own (as careful "
+        "integrations do): the keyed path, which is not grouped",
+    )
+    parser.add_argument(
         "--server-log",
         type=Path,
         default=None,
@@ -744,6 +782,7 @@ def main(argv: list[str] | None = None) -> None:
                 "/api/v1/notifications",
                 json.dumps(body).encode(),
                 {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+                "Idempotency-Key" if args.idempotency_keys else None,
             )
             print(
                 f"gunicorn ({args.worker_class or 'gunicorn.conf.py default'} worker class, "
