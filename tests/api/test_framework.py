@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
+from sqlalchemy import func, select, update
 
 from tests.api.conftest import ApiClient, assert_problem
 from tests.factories import PASSWORD, SYSTEM
 from whistle_web.accounts.models import Role
 from whistle_web.accounts.services import create_api_key, revoke_api_key
+from whistle_web.api.models import IdempotencyRecord
+from whistle_web.extensions import db
 from whistle_web.tenancy import organization_scope
 
 
@@ -104,6 +109,30 @@ def test_idempotency_key_replays_and_conflicts(api):
         "/recipients/bulk", json={"recipients": [{"external_id": "i2"}]}, headers=headers
     )
     assert_problem(other, 409)
+
+
+def test_an_expired_idempotency_key_runs_again_and_is_replayed_from_then_on(api, org):
+    headers = {"Idempotency-Key": "daily-import"}
+    first = api.post(
+        "/recipients/bulk", json={"recipients": [{"external_id": "i1"}]}, headers=headers
+    )
+    assert first.status_code == 200
+    with organization_scope(org.id):
+        db.session.execute(
+            update(IdempotencyRecord).values(created_at=func.now() - timedelta(hours=25))
+        )
+    body = {"recipients": [{"external_id": "i2"}]}  # another request: no conflict any more
+    second = api.post("/recipients/bulk", json=body, headers=headers)
+    assert second.status_code == 200 and "Idempotent-Replayed" not in second.headers
+    assert second.json != first.json
+    again = api.post("/recipients/bulk", json=body, headers=headers)
+    assert again.json == second.json and again.headers["Idempotent-Replayed"] == "true"
+    assert_problem(
+        api.post("/recipients/bulk", json={"recipients": [{"external_id": "i1"}]}, headers=headers),
+        409,
+    )
+    with organization_scope(org.id):
+        assert db.session.scalar(select(func.count()).select_from(IdempotencyRecord)) == 1
 
 
 def test_rate_limits_answer_429_with_retry_after(app, api, monkeypatch, redis):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from flask import Response, request
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from whistle_web.api.models import IdempotencyRecord
@@ -34,16 +34,22 @@ def run(key: str, body: bytes, produce: Callable[[], Response]) -> Response:
         request.method.encode() + b" " + request.path.encode() + b"\n" + body
     ).hexdigest()
     now = datetime.now(UTC)
-    # An expired record frees its key.
-    db.session.execute(
-        delete(IdempotencyRecord).where(
-            IdempotencyRecord.key == key, IdempotencyRecord.created_at < now - WINDOW
-        )
-    )
+    # One statement claims the key: a new record, or an expired one taken over (it frees
+    # its key); a live record of the key claims nothing.
     claimed = db.session.execute(
         insert(IdempotencyRecord)
         .values(organization_id=org_id, key=key, request_hash=digest)
-        .on_conflict_do_nothing(constraint="uq_api_idempotency_records_organization_id_key")
+        .on_conflict_do_update(
+            constraint="uq_api_idempotency_records_organization_id_key",
+            set_={
+                "request_hash": digest,
+                "status_code": None,
+                "response_body": None,
+                "response_headers": {},
+                "created_at": func.now(),
+            },
+            where=IdempotencyRecord.created_at < now - WINDOW,
+        )
         .returning(IdempotencyRecord.id)
     ).scalar()
     db.session.commit()
@@ -68,11 +74,18 @@ def run(key: str, body: bytes, produce: Callable[[], Response]) -> Response:
     if response.status_code >= 500:
         _forget(claimed)
         return response
-    record = db.session.get(IdempotencyRecord, claimed)
-    record.status_code = response.status_code
-    record.response_body = response.get_data()
+    headers = {}
     if response.mimetype != "application/json":
-        record.response_headers = {"Content-Type": response.content_type}
+        headers["Content-Type"] = response.content_type
+    db.session.execute(
+        update(IdempotencyRecord)
+        .where(IdempotencyRecord.id == claimed)
+        .values(
+            status_code=response.status_code,
+            response_body=response.get_data(),
+            response_headers=headers,
+        )
+    )
     db.session.commit()
     return response
 
