@@ -84,3 +84,32 @@ def test_readable_while_idle_sees_input_and_close() -> None:
         assert connections.readable_while_idle(left.fileno())  # end of file
     finally:
         left.close()
+
+
+def test_can_autocommit_only_without_work_the_session_would_commit(app, org) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy.orm import Session
+
+    from whistle_web.models import Topic
+
+    # The tests' sessions are bound into an outer transaction: never outside it.
+    assert not connections.can_autocommit(db.session())
+    with Session(db.engine) as session:
+        assert connections.can_autocommit(session)  # no transaction
+        topic = Topic(organization_id=org.id, key="k", name="K")
+        session.add(topic)
+        assert session.in_transaction() and topic in session.new
+        assert not connections.can_autocommit(session)  # a pending insert
+        session.expunge(topic)
+        assert session.in_transaction()  # begun by adding, without a connection
+        assert connections.can_autocommit(session)
+        session.execute(text("SELECT 1"))
+        assert not connections.can_autocommit(session)  # a connection in the transaction
+        session.rollback()
+        assert connections.can_autocommit(session)
+
+
+def test_autocommit_connections_go_back_transactional(app) -> None:  # type: ignore[no-untyped-def]
+    with connections.autocommit(db.engine) as conn:
+        assert conn.connection.dbapi_connection.autocommit is True
+    with db.engine.connect() as conn:
+        assert conn.connection.dbapi_connection.autocommit is False

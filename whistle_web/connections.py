@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import select
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.orm import Session
 
 _EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
 _poll: Callable[[], Any] | None = None
@@ -56,3 +58,29 @@ def watch(engine: Engine) -> None:
     """Check the engine's connections at every checkout (instead of ``pool_pre_ping``)."""
     if not event.contains(engine, "checkout", check_on_checkout):
         event.listen(engine, "checkout", check_on_checkout)
+
+
+def can_autocommit(session: Session) -> bool:
+    """Whether a statement that is atomic by itself may run outside ``session``, on a
+    connection in autocommit (no BEGIN and COMMIT round trips): only when the session is
+    bound to an engine (not into an outer transaction, as the tests' sessions are) and has
+    no work its commit would carry: no connection taken in its transaction, nothing to
+    flush. (Adding an object begins a session transaction without touching the database.)
+    """
+    if not isinstance(session.get_bind(), Engine):
+        return False
+    transaction = session.get_transaction()
+    if transaction is None:
+        return True
+    return not (transaction._connections or session.new or session.dirty or session.deleted)
+
+
+@contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection of ``engine`` in autocommit, transactional again once returned.
+
+    Plain statements run here are not seen by the tenancy session event: they bind the
+    organization themselves.
+    """
+    with engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
