@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select, update
 
 from tests.pipeline.conftest import CONTENT
 from whistle_web.errors import Actor, ValidationError
 from whistle_web.extensions import db
 from whistle_web.group_commit import GroupCommit
-from whistle_web.models import SendRequest, Topic
+from whistle_web.models import Recipient, SendRequest, Topic
 from whistle_web.notifications import services
 from whistle_web.notifications.services import trigger
 from whistle_web.tenancy import organization_scope, unscoped
@@ -218,3 +218,71 @@ def test_a_written_trigger_is_accepted_when_redis_fails_and_the_sweeper_plans_it
         db.session.remove()
     (job,) = Queue(HIGH, connection=redis).get_jobs()
     assert tuple(job.args) == (request_id, a)
+
+
+def keyed(app: Any, org_id: int, key: str, **kwargs: Any) -> tuple[int, bool]:
+    """Trigger "welcome" with an idempotency key in production's way: a session of its
+    own with no transaction open. Returns the send request's id and ``replayed``."""
+    with app.app_context(), organization_scope(org_id):
+        try:
+            sr = trigger("welcome", idempotency_key=key, actor=ACTOR, **{"to": ["u-1"], **kwargs})
+            return sr.id, sr.replayed
+        finally:
+            db.session.remove()
+
+
+def test_a_keyed_trigger_is_grouped_and_its_key_sends_once(app, tenants, redis, monkeypatch):  # type: ignore[no-untyped-def]
+    a, b, _, _ = tenants
+    calls = [
+        (a, {"template_key": "welcome", "to": ["u-1"], "idempotency_key": "order-1"}),
+        (a, {"template_key": "welcome", "to": ["u-2"], "idempotency_key": "order-2"}),
+        (b, {"template_key": "welcome", "to": ["u-1"], "idempotency_key": "order-1"}),
+    ]
+    batches = held_group(app, monkeypatch, waiting=len(calls) - 1)
+    out = run_concurrently(app, calls)
+    assert [len(batch) for batch in batches] == [1, 2]  # keyed triggers are grouped too
+    assert len({o[0] for o in out}) == 3  # the same key in two organizations: two sends
+    monkeypatch.undo()
+
+    # The same key again: the first send request, replayed, nothing written or enqueued.
+    enqueued = Queue(HIGH, connection=redis).count
+    assert keyed(app, a, "order-1") == (out[0][0], True)
+    assert keyed(app, a, "order-1", data={"other": "body"}) == (out[0][0], True)
+    assert keyed(app, b, "order-1") == (out[2][0], True)
+    assert Queue(HIGH, connection=redis).count == enqueued
+    with app.app_context():
+        assert db.session.scalar(unscoped(select(func.count()).select_from(SendRequest))) == 3
+        db.session.remove()
+
+
+def test_a_live_key_keeps_none_of_the_profiles_sent_with_it(app, tenants):  # type: ignore[no-untyped-def]
+    a, _, _, _ = tenants
+    first, _ = keyed(app, a, "signup-9")
+    profile = {"external_id": "u-9", "email": "nine@example.com"}
+    assert keyed(app, a, "signup-9", to=[profile]) == (first, True)
+    with app.app_context(), organization_scope(a):
+        assert db.session.scalar(select(Recipient).where(Recipient.external_id == "u-9")) is None
+        db.session.remove()
+
+
+def test_an_expired_key_is_freed_and_makes_a_new_send(app, tenants, redis):  # type: ignore[no-untyped-def]
+    a, _, _, _ = tenants
+    first, _ = keyed(app, a, "weekly")
+    with app.app_context():
+        db.session.execute(
+            unscoped(
+                update(SendRequest)
+                .where(SendRequest.id == first)
+                .values(created_at=func.now() - timedelta(hours=25))
+            )
+        )
+        db.session.commit()
+    second, replayed = keyed(app, a, "weekly")
+    assert second != first and not replayed
+    assert keyed(app, a, "weekly") == (second, True)
+    with app.app_context():
+        keys = dict(
+            db.session.execute(unscoped(select(SendRequest.id, SendRequest.idempotency_key))).all()
+        )
+        db.session.remove()
+    assert keys == {first: None, second: "weekly"}

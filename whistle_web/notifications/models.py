@@ -83,6 +83,10 @@ class SendRequest(TenantScoped, db.Model):
     heartbeat_at: Mapped[datetime | None]
     cancelled_at: Mapped[datetime | None]
 
+    # Not a column: set on the send request a trigger returns when an idempotency key had
+    # already made it (see notifications.services.trigger).
+    replayed = False
+
 
 class Notification(TenantScoped, db.Model):
     """One logical message to one recipient; it has a delivery per channel."""

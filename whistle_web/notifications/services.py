@@ -18,12 +18,13 @@ from typing import Any
 
 from flask import current_app
 from redis.exceptions import RedisError
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm import make_transient_to_detached
 
 from whistle_web.audiences.models import Segment, Topic
 from whistle_web.channels.kinds import Channel
+from whistle_web.connections import autocommit, can_autocommit
 from whistle_web.deliveries.ledger import CounterRow, bump_counters
 from whistle_web.deliveries.models import Delivery
 from whistle_web.deliveries.status import DeliveryStatus
@@ -108,6 +109,14 @@ class _Written:
 
     found: _Lookup
     row: tuple[Any, ...] | None
+    # The send request already holding the idempotency key (then nothing was inserted),
+    # and whether it is within the window.
+    taken: tuple[int, bool] | None = None
+
+
+class _KeyTaken(Exception):
+    def __init__(self, send_request_id: int, live: bool) -> None:
+        self.send_request_id, self.live = send_request_id, live
 
 
 # Triggers are written by one statement, for one send request or for several at once (see
@@ -116,8 +125,10 @@ class _Written:
 # row. Each input row carries its own organization, bound explicitly (plain SQL is not seen
 # by the tenancy session event: every join below is on the row's `org`), and none of the
 # ORM's per-statement work runs on the API's busiest path. The conditions of `accepted` are
-# the ones `_refusal` reports in words. Ids are drawn in `accepted` so that each inserted
-# row is matched to its input row by id, whatever order the INSERT returns them in.
+# the ones `_refusal` reports in words; a send request already holding the row's
+# idempotency key (`taken`) stops the insert too, and the caller returns it (within the
+# window) or frees the key and tries again. Ids are drawn in `accepted` so that each
+# inserted row is matched to its input row by id, whatever order the INSERT returns them in.
 _TRIGGER_SQL = """
 WITH input AS (
     SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(
@@ -133,10 +144,15 @@ WITH input AS (
     LEFT JOIN templates t ON t.organization_id = x.org AND t.key = x.key
     LEFT JOIN template_versions v
            ON v.organization_id = x.org AND v.id = t.published_version_id
+), taken AS (
+    SELECT x.n, s.id, s.created_at >= now() - %(window)s AS live
+    FROM input x
+    JOIN send_requests s ON s.organization_id = x.org AND s.idempotency_key = x.idempotency_key
 ), accepted AS (
     SELECT x.n, nextval(pg_get_serial_sequence('send_requests', 'id')) AS id
     FROM input x JOIN found f ON f.n = x.n
-    WHERE f.version_id IS NOT NULL
+    WHERE NOT EXISTS (SELECT FROM taken k WHERE k.n = x.n)
+      AND f.version_id IS NOT NULL
       AND (x.channels IS NULL OR x.channels <@ (f.content || '{webhook}'::text[]))
       AND (SELECT count(*) FROM jsonb_object_keys(coalesce(f.listed, '{}'::jsonb)))
           = cardinality(x.external_ids)
@@ -158,10 +174,11 @@ WITH input AS (
     RETURNING id, status, audience, max_recipient_id, created_at
 )
 SELECT f.n, f.template_id, f.version_id, f.content, f.listed,
-       i.id, i.status, i.audience, i.max_recipient_id, i.created_at
+       i.id, i.status, i.audience, i.max_recipient_id, i.created_at, k.id, k.live
 FROM found f
 LEFT JOIN accepted a ON a.n = f.n
 LEFT JOIN inserted i ON i.id = a.id
+LEFT JOIN taken k ON k.n = f.n
 ORDER BY f.n
 """
 # What a new send request holds that the INSERT does not set (the columns' defaults).
@@ -182,9 +199,10 @@ def _write(conn: Connection, rows: list[dict[str, Any]]) -> list[_Written]:
     return [
         _Written(
             _Lookup(r[1], r[2], frozenset(r[3] or ()), r[4] or {}),
-            tuple(r[5:]) if r[5] is not None else None,
+            tuple(r[5:10]) if r[5] is not None else None,
+            (r[10], r[11]) if r[10] is not None else None,
         )
-        for r in conn.exec_driver_sql(_TRIGGER_SQL, {"rows": payload})
+        for r in conn.exec_driver_sql(_TRIGGER_SQL, {"rows": payload, "window": IDEMPOTENCY_WINDOW})
     ]
 
 
@@ -201,8 +219,7 @@ def _write_group(items: list[_Pending]) -> list[_Written | BaseException]:
     The statement is atomic: should it fail, each trigger is written alone, so that one bad
     row fails only its own request.
     """
-    with db.engine.connect() as conn:
-        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+    with autocommit(db.engine) as conn:
         try:
             outcomes = list(_write(conn, [item.row for item in items]))
         except DBAPIError:
@@ -252,14 +269,6 @@ def _group() -> GroupCommit[_Pending, _Written]:
     if group is None:
         group = current_app.extensions["whistle.trigger_group"] = GroupCommit(_write_group)
     return group
-
-
-def _groupable(session: Session) -> bool:
-    """Whether the statement may run outside the session, in autocommit, grouped with other
-    requests' triggers: only when the session has no transaction to join (none was opened
-    for profiles, an idempotency key or by an outer caller, as the tests' sessions are) and
-    it is bound to an engine."""
-    return not session.in_transaction() and isinstance(session.get_bind(), Engine)
 
 
 def _statement_row(
@@ -375,18 +384,27 @@ def trigger(
 ) -> SendRequest:
     """Ask for a template to be sent to recipients, a topic or a segment.
 
-    The same ``idempotency_key`` within 24 hours returns the first send request and sends
-    nothing again. Commits, then enqueues planning when the send is due.
+    The same ``idempotency_key`` within 24 hours returns the first send request (its
+    ``replayed`` is True) and sends nothing again. Commits, then enqueues planning when the
+    send is due.
 
     Raises:
         ValidationError: bad template, audience, channels or recipients (field paths given).
     """
+    arguments = dict(
+        template_key=template_key,
+        to=to,
+        topic=topic,
+        segment_id=segment_id,
+        data=data,
+        channels=channels,
+        send_at=send_at,
+        local_time=local_time,
+        idempotency_key=idempotency_key,
+        actor=actor,
+    )
     org = require_organization_id()
     now = datetime.now(UTC)
-    if idempotency_key:
-        existing = _idempotent_match(idempotency_key, now)
-        if existing is not None:
-            return existing
     audiences = [a for a in (to, topic, segment_id) if a not in (None, [])]
     if len(audiences) != 1:
         raise ValidationError.single("to", "Give exactly one of to, topic or segment.")
@@ -433,11 +451,13 @@ def trigger(
             # Outside a transaction the statement commits by itself, grouped with other
             # requests' triggers, and the group enqueues their planning; inside one the
             # caller's commit covers it, and planning is enqueued after that commit.
-            grouped = _groupable(session)
+            grouped = can_autocommit(session)
             if grouped:
                 written = _group().submit(_Pending(row, due))
             else:
                 (written,) = _write(session.connection(), [row])
+            if written.taken is not None:  # rolls the profiles' savepoint back
+                raise _KeyTaken(*written.taken)
             if written.row is None:
                 raise _refusal(template_key, written.found, requested, to)
             request = _as_send_request(row, values, written)
@@ -446,12 +466,29 @@ def trigger(
             # values instead of reading it back after the commit.
             session.expire_on_commit = False
             session.commit()
+    except _KeyTaken as taken:
+        if taken.live:  # the first send request with this key
+            existing = db.session.get(SendRequest, taken.send_request_id)
+            if existing is None:  # deleted since: nothing holds the key any more
+                return trigger(**arguments)
+            existing.replayed = True
+            return existing
+        # The key expired: free it, and ask again.
+        db.session.execute(
+            update(SendRequest)
+            .where(SendRequest.id == taken.send_request_id)
+            .values(idempotency_key=None)
+            .execution_options(synchronize_session=False)
+        )
+        db.session.commit()
+        return trigger(**arguments)
     except IntegrityError:
         # Another request with the same idempotency key won the race: return its result.
         db.session.rollback()
         existing = _idempotent_match(idempotency_key or "", now)
         if existing is None:
             raise
+        existing.replayed = True
         return existing
     finally:
         session.expire_on_commit = True

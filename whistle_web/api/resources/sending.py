@@ -353,7 +353,7 @@ def create_notification(body: NotificationIn) -> NotificationAccepted:
         actor=current_actor(),
     )
     key = body.template  # what trigger() found the template by...
-    if idempotency_key:  # ...unless it returned an earlier send with this key
+    if sr.replayed:  # ...unless it returned an earlier send with this key
         key = db.session.scalar(select(Template.key).where(Template.id == sr.template_id)) or key
     return NotificationAccepted(**_accepted_fields(sr, key))
 
