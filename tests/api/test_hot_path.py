@@ -281,3 +281,31 @@ def test_outside_a_transaction_the_trigger_commits_by_itself(org, api, welcome, 
     assert rows[-1] == response.json["id"] and len(rows) == 2
     with db.engine.connect() as conn:  # the pool's connections are transactional again
         assert conn.connection.dbapi_connection.autocommit is False
+
+
+@pytest.mark.committed
+def test_a_keyed_trigger_claims_sends_and_records_in_autocommit(org, api, welcome, ada, redis):
+    """With an Idempotency-Key: the claim, the trigger and the stored answer are one
+    autocommit statement each; a replay claims nothing and reads the stored answer."""
+    db.session.commit()  # the fixtures' rows
+    assert api.post("/notifications", json=BODY).status_code == 202  # caches the key
+    db.session.remove()
+    seen: list[tuple[str, bool]] = []
+
+    def record(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append((statement.split()[0], conn.connection.dbapi_connection.autocommit))
+
+    headers = {"Idempotency-Key": "order-7"}
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        first = api.post("/notifications", json=BODY, headers=headers)
+        db.session.remove()
+        claimed = list(seen)
+        replay = api.post("/notifications", json=BODY, headers=headers)
+        db.session.remove()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    assert first.status_code == 202 and replay.status_code == 202
+    assert replay.json == first.json and replay.headers["Idempotent-Replayed"] == "true"
+    assert claimed == [("INSERT", True), ("WITH", True), ("UPDATE", True)]
+    assert seen[len(claimed) :] == [("INSERT", True), ("SELECT", False)]

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from flask import Response, request
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Executable, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from whistle_web.api.models import IdempotencyRecord
+from whistle_web.connections import autocommit, can_autocommit
 from whistle_web.errors import Conflict, ValidationError
 from whistle_web.extensions import db
 from whistle_web.tenancy import require_organization_id
@@ -36,7 +38,7 @@ def run(key: str, body: bytes, produce: Callable[[], Response]) -> Response:
     now = datetime.now(UTC)
     # One statement claims the key: a new record, or an expired one taken over (it frees
     # its key); a live record of the key claims nothing.
-    claimed = db.session.execute(
+    claimed = _atomic(
         insert(IdempotencyRecord)
         .values(organization_id=org_id, key=key, request_hash=digest)
         .on_conflict_do_update(
@@ -51,8 +53,7 @@ def run(key: str, body: bytes, produce: Callable[[], Response]) -> Response:
             where=IdempotencyRecord.created_at < now - WINDOW,
         )
         .returning(IdempotencyRecord.id)
-    ).scalar()
-    db.session.commit()
+    )
     if claimed is None:
         record = db.session.scalar(select(IdempotencyRecord).where(IdempotencyRecord.key == key))
         if record is None or record.request_hash != digest:
@@ -77,17 +78,33 @@ def run(key: str, body: bytes, produce: Callable[[], Response]) -> Response:
     headers = {}
     if response.mimetype != "application/json":
         headers["Content-Type"] = response.content_type
-    db.session.execute(
+    _atomic(
         update(IdempotencyRecord)
-        .where(IdempotencyRecord.id == claimed)
+        .where(IdempotencyRecord.organization_id == org_id, IdempotencyRecord.id == claimed)
         .values(
             status_code=response.status_code,
             response_body=response.get_data(),
             response_headers=headers,
         )
+        .returning(IdempotencyRecord.id)
     )
-    db.session.commit()
     return response
+
+
+def _atomic(statement: Executable) -> Any:
+    """Run one statement and commit it; returns the first column of its first row.
+
+    With no transaction open in the session (as after a handler that committed), it runs
+    in autocommit on a connection of its own: no BEGIN and COMMIT round trips. The
+    statements here name their organization themselves.
+    """
+    session = db.session()
+    if can_autocommit(session):
+        with autocommit(db.engine) as conn:
+            return conn.execute(statement).scalar()
+    value = session.execute(statement).scalar()
+    session.commit()
+    return value
 
 
 def _forget(record_id: int) -> None:
