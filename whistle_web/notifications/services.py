@@ -136,18 +136,29 @@ WITH input AS (
         audience jsonb, data jsonb, channels text[], idempotency_key text,
         send_at timestamptz, local_send_time time, bounded boolean, actor text)
 ), found AS (
-    SELECT x.n, t.id AS template_id, t.published_version_id AS version_id,
-           ARRAY(SELECT jsonb_object_keys(v.content)) AS content,
+    SELECT x.n, t.template_id, t.version_id, t.content,
            (SELECT jsonb_object_agg(r.external_id, r.id) FROM recipients r
             WHERE r.organization_id = x.org AND r.external_id = ANY(x.external_ids)) AS listed
     FROM input x
-    LEFT JOIN templates t ON t.organization_id = x.org AND t.key = x.key
-    LEFT JOIN template_versions v
-           ON v.organization_id = x.org AND v.id = t.published_version_id
+    -- LATERAL ... LIMIT 1 (keys are unique): an index lookup per input row. As a join, the
+    -- planner, which guesses 100 input rows, may hash the whole templates table instead.
+    LEFT JOIN LATERAL (
+        SELECT t.id AS template_id, t.published_version_id AS version_id,
+               ARRAY(SELECT jsonb_object_keys(v.content) FROM template_versions v
+                     WHERE v.organization_id = x.org AND v.id = t.published_version_id)
+                   AS content
+        FROM templates t
+        WHERE t.organization_id = x.org AND t.key = x.key
+        LIMIT 1
+    ) t ON true
 ), taken AS (
     SELECT x.n, s.id, s.created_at >= now() - %(window)s AS live
     FROM input x
-    JOIN send_requests s ON s.organization_id = x.org AND s.idempotency_key = x.idempotency_key
+    CROSS JOIN LATERAL (
+        SELECT s.id, s.created_at FROM send_requests s
+        WHERE s.organization_id = x.org AND s.idempotency_key = x.idempotency_key
+        LIMIT 1
+    ) s
 ), accepted AS (
     SELECT x.n, nextval(pg_get_serial_sequence('send_requests', 'id')) AS id
     FROM input x JOIN found f ON f.n = x.n
