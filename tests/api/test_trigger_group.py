@@ -286,3 +286,21 @@ def test_an_expired_key_is_freed_and_makes_a_new_send(app, tenants, redis):  # t
         )
         db.session.remove()
     assert keys == {first: None, second: "weekly"}
+
+
+def test_a_topic_is_bounded_by_its_own_organizations_newest_recipient(  # type: ignore[no-untyped-def]
+    app, tenants, make_org, make_template
+):
+    a, b, _, ids = tenants
+    empty = make_org("Initech")  # no recipients at all, created after both others'
+    make_template(empty, "welcome", CONTENT)
+    bounds = {}
+    for org_id in (a, b, empty.id):
+        with organization_scope(org_id):
+            db.session.add(Topic(key="digest", name="Digest"))
+    db.session.commit()
+    for org_id in (a, b, empty.id):
+        with app.app_context(), organization_scope(org_id):
+            bounds[org_id] = trigger("welcome", topic="digest", actor=ACTOR).max_recipient_id
+            db.session.remove()
+    assert bounds == {a: ids[a, "u-2"], b: ids[b, "u-1"], empty.id: 0}

@@ -177,8 +177,14 @@ WITH input AS (
                 SELECT value::bigint AS id FROM jsonb_each_text(f.listed)
                 UNION SELECT unnest(x.ids)) AS u))),
         x.data, x.channels, x.idempotency_key, x.send_at, x.local_send_time,
-        CASE WHEN x.bounded THEN (SELECT coalesce(max(r.id), 0) FROM recipients r
-                                  WHERE r.organization_id = x.org) END,
+        -- The organization's newest recipient, read backwards off the (organization_id,
+        -- id) index from (org, max). max(r.id) WHERE organization_id = x.org is planned as a
+        -- backward walk of the primary key until a row of the organization turns up: 250 ms
+        -- over 2,000,000 recipients for a small organization whose recipients are old.
+        CASE WHEN x.bounded THEN coalesce((
+            SELECT CASE WHEN r.organization_id = x.org THEN r.id END FROM recipients r
+            WHERE (r.organization_id, r.id) <= (x.org, 9223372036854775807)
+            ORDER BY r.organization_id DESC, r.id DESC LIMIT 1), 0) END,
         x.actor
     FROM accepted a JOIN input x ON x.n = a.n JOIN found f ON f.n = a.n
     ORDER BY a.id
