@@ -53,6 +53,28 @@ def sql_statements():  # type: ignore[no-untyped-def]
 
 
 @contextmanager
+def autocommit_statements():  # type: ignore[no-untyped-def]
+    """Each statement's first word, and whether its connection was in autocommit."""
+    seen: list[tuple[str, bool]] = []
+
+    def record(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append((statement.split()[0], conn.connection.dbapi_connection.autocommit))
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+
+
+def committed_and_key_cached(api) -> None:  # type: ignore[no-untyped-def]
+    """Commit the fixtures' rows and have the API key cached, as in a running process."""
+    db.session.commit()
+    assert api.post("/notifications", json=BODY).status_code == 202
+    db.session.remove()
+
+
+@contextmanager
 def limiter_calls():  # type: ignore[no-untyped-def]
     client = limiter._storage.get_connection()
     calls: list[tuple] = []
@@ -257,21 +279,11 @@ def test_outside_a_transaction_the_trigger_commits_by_itself(org, api, welcome, 
     """Production's case (the tests' other sessions join an outer transaction): with no
     transaction open, the trigger statement runs in autocommit, no BEGIN or COMMIT."""
     org_id = org.id
-    db.session.commit()  # the fixtures' rows
-    assert api.post("/notifications", json=BODY).status_code == 202  # caches the key
-    db.session.remove()
-    seen: list[tuple[str, bool]] = []
-
-    def record(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-        seen.append((statement.split()[0], conn.connection.dbapi_connection.autocommit))
-
-    event.listen(db.engine, "before_cursor_execute", record)
-    try:
+    committed_and_key_cached(api)
+    with autocommit_statements() as seen:
         response = api.post("/notifications", json=BODY)
         db.session.remove()  # each production request has its own session
         refused = api.post("/notifications", json={**BODY, "to": ["nobody"]})
-    finally:
-        event.remove(db.engine, "before_cursor_execute", record)
     assert response.status_code == 202, response.json
     assert_problem(refused, 422, "to[0]")
     assert seen == [("WITH", True), ("WITH", True)]
@@ -287,24 +299,14 @@ def test_outside_a_transaction_the_trigger_commits_by_itself(org, api, welcome, 
 def test_a_keyed_trigger_claims_sends_and_records_in_autocommit(org, api, welcome, ada, redis):
     """With an Idempotency-Key: the claim, the trigger and the stored answer are one
     autocommit statement each; a replay claims nothing and reads the stored answer."""
-    db.session.commit()  # the fixtures' rows
-    assert api.post("/notifications", json=BODY).status_code == 202  # caches the key
-    db.session.remove()
-    seen: list[tuple[str, bool]] = []
-
-    def record(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-        seen.append((statement.split()[0], conn.connection.dbapi_connection.autocommit))
-
+    committed_and_key_cached(api)
     headers = {"Idempotency-Key": "order-7"}
-    event.listen(db.engine, "before_cursor_execute", record)
-    try:
+    with autocommit_statements() as seen:
         first = api.post("/notifications", json=BODY, headers=headers)
         db.session.remove()
         claimed = list(seen)
         replay = api.post("/notifications", json=BODY, headers=headers)
         db.session.remove()
-    finally:
-        event.remove(db.engine, "before_cursor_execute", record)
     assert first.status_code == 202 and replay.status_code == 202
     assert replay.json == first.json and replay.headers["Idempotent-Replayed"] == "true"
     assert claimed == [("INSERT", True), ("WITH", True), ("UPDATE", True)]
