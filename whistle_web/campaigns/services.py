@@ -7,7 +7,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 
 from whistle_web.audiences.models import Segment, Topic
 from whistle_web.campaigns.models import AudienceType, Campaign, CampaignStatus
@@ -26,7 +26,7 @@ from whistle_web.notifications.models import SendRequest, SendRequestKind, SendR
 from whistle_web.notifications.services import cancel_queued_deliveries, check_channels
 from whistle_web.organizations.services import record_audit
 from whistle_web.recipients.models import Recipient
-from whistle_web.recipients.services import require_valid
+from whistle_web.recipients.services import newest_recipient_id, require_valid
 from whistle_web.tenancy import organization_scope, require_organization_id, unscoped
 
 
@@ -330,7 +330,7 @@ def _start_run(campaign: Campaign, now: datetime) -> SendRequest:
         channels=campaign.channels,
         send_at=now,
         local_send_time=campaign.local_send_time,
-        max_recipient_id=db.session.scalar(select(func.coalesce(func.max(Recipient.id), 0))),
+        max_recipient_id=newest_recipient_id(),
     )
     db.session.add(request)
     campaign.status = CampaignStatus.SENDING

@@ -9,14 +9,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 
 from whistle_web.errors import Actor, FieldError, NotFound, ValidationError
 from whistle_web.extensions import db
 from whistle_web.organizations.services import record_audit
 from whistle_web.recipients.models import Recipient
-from whistle_web.tenancy import require_organization_id
+from whistle_web.tenancy import require_organization_id, unscoped
 
 PROFILE_FIELDS = ("email", "phone", "name", "locale", "timezone")
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
@@ -86,6 +86,35 @@ def ids_for_external_ids(external_ids: Sequence[str]) -> dict[str, int]:
         select(Recipient.external_id, Recipient.id).where(Recipient.external_id.in_(external_ids))
     ).all()
     return dict(rows)
+
+
+# Above every recipient id: the upper end of the backward walk in `newest_recipient_id`.
+_MAX_ID = 2**63 - 1
+
+
+def newest_recipient_id() -> int:
+    """The active organization's largest recipient id (0 with none): the bound that keeps
+    recipients created after a launch out of its audience.
+
+    Read backwards off the ``(organization_id, id)`` index from ``(org, max)``, and only
+    the organization's own row counts. ``max(id)`` filtered by organization may be planned
+    (as a generic plan of a prepared statement) as a backward walk of the primary key until
+    the organization's first row: 250 ms over 2,000,000 recipients for a small
+    organization whose recipients are old. The trigger statement reads its bound the same
+    way, in SQL.
+    """
+    org_id = require_organization_id()
+    newest = db.session.execute(
+        # The row comparison bounds the walk by organization itself; the tenancy criteria
+        # (an equality) would let the planner drop the organization from the order.
+        unscoped(
+            select(Recipient.organization_id, Recipient.id)
+            .where(tuple_(Recipient.organization_id, Recipient.id) <= (org_id, _MAX_ID))
+            .order_by(Recipient.organization_id.desc(), Recipient.id.desc())
+            .limit(1)
+        )
+    ).first()
+    return newest.id if newest is not None and newest.organization_id == org_id else 0
 
 
 def require_valid(errors: list[FieldError]) -> None:
