@@ -109,14 +109,12 @@ class _Written:
 
     found: _Lookup
     row: tuple[Any, ...] | None
-    # The send request already holding the idempotency key (then nothing was inserted),
-    # and whether it is within the window.
-    taken: tuple[int, bool] | None = None
+    # Another send request holds the idempotency key (then nothing was inserted).
+    taken: bool = False
 
 
 class _KeyTaken(Exception):
-    def __init__(self, send_request_id: int, live: bool) -> None:
-        self.send_request_id, self.live = send_request_id, live
+    """The idempotency key is held by another send request (the statement inserted none)."""
 
 
 # Triggers are written by one statement, for one send request or for several at once (see
@@ -127,8 +125,9 @@ class _KeyTaken(Exception):
 # ORM's per-statement work runs on the API's busiest path. The conditions of `accepted` are
 # the ones `_refusal` reports in words; a send request already holding the row's
 # idempotency key (`taken`) stops the insert too, and the caller returns it (within the
-# window) or frees the key and tries again. Ids are drawn in `accepted` so that each
-# inserted row is matched to its input row by id, whatever order the INSERT returns them in.
+# window) or frees the key and tries again (`_idempotent_match`). Ids are drawn in
+# `accepted` so that each inserted row is matched to its input row by id, whatever order
+# the INSERT returns them in.
 _TRIGGER_SQL = """
 WITH input AS (
     SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(
@@ -152,10 +151,10 @@ WITH input AS (
         LIMIT 1
     ) t ON true
 ), taken AS (
-    SELECT x.n, s.id, s.created_at >= now() - %(window)s AS live
+    SELECT x.n
     FROM input x
     CROSS JOIN LATERAL (
-        SELECT s.id, s.created_at FROM send_requests s
+        SELECT FROM send_requests s
         WHERE s.organization_id = x.org AND s.idempotency_key = x.idempotency_key
         LIMIT 1
     ) s
@@ -191,7 +190,7 @@ WITH input AS (
     RETURNING id, status, audience, max_recipient_id, created_at
 )
 SELECT f.n, f.template_id, f.version_id, f.content, f.listed,
-       i.id, i.status, i.audience, i.max_recipient_id, i.created_at, k.id, k.live
+       i.id, i.status, i.audience, i.max_recipient_id, i.created_at, k.n IS NOT NULL
 FROM found f
 LEFT JOIN accepted a ON a.n = f.n
 LEFT JOIN inserted i ON i.id = a.id
@@ -217,9 +216,9 @@ def _write(conn: Connection, rows: list[dict[str, Any]]) -> list[_Written]:
         _Written(
             _Lookup(r[1], r[2], frozenset(r[3] or ()), r[4] or {}),
             tuple(r[5:10]) if r[5] is not None else None,
-            (r[10], r[11]) if r[10] is not None else None,
+            r[10],
         )
-        for r in conn.exec_driver_sql(_TRIGGER_SQL, {"rows": payload, "window": IDEMPOTENCY_WINDOW})
+        for r in conn.exec_driver_sql(_TRIGGER_SQL, {"rows": payload})
     ]
 
 
@@ -408,18 +407,6 @@ def trigger(
     Raises:
         ValidationError: bad template, audience, channels or recipients (field paths given).
     """
-    arguments = dict(
-        template_key=template_key,
-        to=to,
-        topic=topic,
-        segment_id=segment_id,
-        data=data,
-        channels=channels,
-        send_at=send_at,
-        local_time=local_time,
-        idempotency_key=idempotency_key,
-        actor=actor,
-    )
     org = require_organization_id()
     now = datetime.now(UTC)
     audiences = [a for a in (to, topic, segment_id) if a not in (None, [])]
@@ -473,8 +460,8 @@ def trigger(
                 written = _group().submit(_Pending(row, due))
             else:
                 (written,) = _write(session.connection(), [row])
-            if written.taken is not None:  # rolls the profiles' savepoint back
-                raise _KeyTaken(*written.taken)
+            if written.taken:  # rolls the profiles' savepoint back
+                raise _KeyTaken
             if written.row is None:
                 raise _refusal(template_key, written.found, requested, to)
             request = _as_send_request(row, values, written)
@@ -483,22 +470,27 @@ def trigger(
             # values instead of reading it back after the commit.
             session.expire_on_commit = False
             session.commit()
-    except _KeyTaken as taken:
-        if taken.live:  # the first send request with this key
-            existing = db.session.get(SendRequest, taken.send_request_id)
-            if existing is None:  # deleted since: nothing holds the key any more
-                return trigger(**arguments)
-            existing.replayed = True
-            return existing
-        # The key expired: free it, and ask again.
-        db.session.execute(
-            update(SendRequest)
-            .where(SendRequest.id == taken.send_request_id)
-            .values(idempotency_key=None)
-            .execution_options(synchronize_session=False)
-        )
-        db.session.commit()
-        return trigger(**arguments)
+    except _KeyTaken:
+        # The key is held: by the first send request made with it (returned), or by one
+        # whose window passed (`_idempotent_match` frees the key, and the trigger is asked
+        # again).
+        existing = _idempotent_match(idempotency_key or "", now)
+        if existing is None:
+            db.session.commit()
+            return trigger(
+                template_key,
+                to=to,
+                topic=topic,
+                segment_id=segment_id,
+                data=data,
+                channels=requested,
+                send_at=send_at,
+                local_time=local_time,
+                idempotency_key=idempotency_key,
+                actor=actor,
+            )
+        existing.replayed = True
+        return existing
     except IntegrityError:
         # Another request with the same idempotency key won the race: return its result.
         db.session.rollback()
