@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Flask, Response, flash, g, redirect, render_template, request
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError
 
 from whistle_web import tenancy
@@ -14,7 +17,22 @@ CONSOLE_CSP = (
 )
 
 
+class ConsoleSessions(SecureCookieSessionInterface):
+    """The signed cookie session belongs to the console: the API never opens it.
+
+    An API request authenticates with its bearer credential alone, so it gets Flask's null
+    session: a console cookie sent along is not even decoded, and the answer never sets
+    (or refreshes) one.
+    """
+
+    def open_session(self, app: Flask, request: Any) -> SecureCookieSession | None:
+        if request.path.startswith("/api/"):
+            return None  # Flask substitutes its null session and saves nothing
+        return super().open_session(app, request)
+
+
 def init_app(app: Flask) -> None:
+    app.session_interface = ConsoleSessions()
     app.teardown_request(_leave_organization)
     app.after_request(_security_headers)
     app.register_error_handler(CSRFError, _csrf_failed)

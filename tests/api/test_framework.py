@@ -234,3 +234,27 @@ def test_a_console_cookie_neither_authenticates_nor_scopes_an_api_request(
     secret = make_api(other_org).token
     listed = browser.get("/api/v1/recipients", headers={"Authorization": f"Bearer {secret}"})
     assert [r["external_id"] for r in listed.json["data"]] == ["theirs"]
+
+
+def test_an_api_request_never_opens_the_console_session(app, org, make_user, make_api):
+    """The cookie is not even decoded for /api/ (Flask's null session), and never set."""
+    from flask import request, request_finished, session
+
+    from tests.console.conftest import sign_in
+
+    browser = app.test_client()
+    assert sign_in(browser, make_user(org=org).email, PASSWORD).status_code == 302
+    secret = make_api(org).token
+    seen = []
+
+    def record(sender, response, **extra):  # type: ignore[no-untyped-def]
+        seen.append((request.path, type(session._get_current_object()).__name__, response))
+
+    with request_finished.connected_to(record, app):
+        browser.get("/api/v1/recipients", headers={"Authorization": f"Bearer {secret}"})
+        browser.get("/recipients")
+    assert [(path, kind) for path, kind, _ in seen] == [
+        ("/api/v1/recipients", "NullSession"),
+        ("/recipients", "SecureCookieSession"),
+    ]
+    assert "Set-Cookie" not in seen[0][2].headers
