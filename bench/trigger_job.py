@@ -4,7 +4,7 @@ Seeds an organization, an in-app template and ``--recipients`` recipients in the
 database (recreated and migrated at start, dropped at the end unless ``--keep``) and Redis
 database (flushed), then, ``--runs`` times: creates ``--jobs`` one-recipient triggers
 through ``notifications.services.trigger`` (not measured), and runs their planning jobs in
-this process with one ``rq.SimpleWorker(...).work(burst=True)`` inside the app context, as
+this process with one ``WhistleSimpleWorker(...).work(burst=True)`` inside the app context, as
 ``whistle worker --simple`` does. It reports per job:
 
 - **worker CPU**: ``getrusage`` of this process over the burst (RQ's own work included);
@@ -125,14 +125,13 @@ def own_cpu() -> float:
 
 
 def run_jobs(args: argparse.Namespace, org_id: int, request_ids: list[int]) -> None:
-    from rq import SimpleWorker
-
     from whistle_web import get_redis
     from workers.queues import QUEUES
     from workers.sending import plan_send_request
+    from workers.worker import WhistleSimpleWorker
 
     if args.mode == "rq":
-        SimpleWorker(list(QUEUES), connection=get_redis()).work(burst=True)
+        WhistleSimpleWorker(list(QUEUES), connection=get_redis()).work(burst=True)
         return
     for request_id in request_ids:
         plan_send_request(request_id, org_id)

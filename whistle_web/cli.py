@@ -63,16 +63,15 @@ def rotate_keys_command() -> None:
 @click.option("--simple", is_flag=True, help="Run jobs in the worker process (no fork).")
 def worker_command(burst: bool, simple: bool) -> None:
     """Run an RQ worker on the queues, highest priority first."""
-    from rq import SimpleWorker, Worker
-
     from whistle_web import get_redis
     from whistle_web.extensions import db
     from workers.queues import QUEUES
+    from workers.worker import WhistleSimpleWorker, WhistleWorker
 
     # A forked work horse must not reuse the parent's pooled database connections.
     engine = db.engine
     os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
-    worker_class = SimpleWorker if simple else Worker
+    worker_class = WhistleSimpleWorker if simple else WhistleWorker
     worker = worker_class(list(QUEUES), connection=get_redis())
     worker.work(burst=burst)
 

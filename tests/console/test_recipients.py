@@ -348,10 +348,9 @@ def test_import_creates_and_updates_in_one_go(login_as, org, people, redis):
 
 
 def test_a_failure_midway_imports_nothing(login_as, org, redis, monkeypatch):
-    from rq import SimpleWorker
-
     from whistle_web.recipients import csv_io
     from workers.queues import QUEUES
+    from workers.worker import WhistleSimpleWorker
 
     real, calls = csv_io.upsert_recipients, []
 
@@ -365,7 +364,7 @@ def test_a_failure_midway_imports_nothing(login_as, org, redis, monkeypatch):
     client = login_as(Role.EDITOR)
     rows = "".join(f"m-{i},m{i}@example.com\n" for i in range(csv_io.CHUNK + 10))
     import_id = _import_id(_upload(client, "external_id,email\n" + rows))
-    SimpleWorker(list(QUEUES), connection=redis).work(burst=True)
+    WhistleSimpleWorker(list(QUEUES), connection=redis).work(burst=True)
     assert calls == [csv_io.CHUNK, 10]
     page = client.get(f"/recipients/import/{import_id}").get_data(as_text=True)
     assert "The import failed and nothing was imported" in page

@@ -543,7 +543,9 @@ def test_an_existing_user_accepts_with_their_password(
 
 
 def test_invitations_go_through_the_system_mail_server(login_as, app, monkeypatch, redis):
-    from rq import Queue, SimpleWorker
+    from rq import Queue
+
+    from workers.worker import WhistleSimpleWorker
 
     with SmtpSink() as sink:
         monkeypatch.setitem(app.config, "WHISTLE_MAIL_URL", f"smtp://127.0.0.1:{sink.port}")
@@ -552,7 +554,7 @@ def test_invitations_go_through_the_system_mail_server(login_as, app, monkeypatc
         response = post(admin, "/settings/team/invite", {"email": "c@acme.io", "role": "viewer"})
         assert response.status_code == 303
         queue = Queue("high", connection=redis)
-        SimpleWorker([queue], connection=redis).work(burst=True)
+        WhistleSimpleWorker([queue], connection=redis).work(burst=True)
         (message,) = sink.messages
         assert message["To"] == "c@acme.io" and message["From"] == "whistle@acme.io"
         assert "/settings/invitations/" in message.get_content()

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from rq import SimpleWorker
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from sqlalchemy import func, select
 
@@ -17,6 +16,7 @@ from whistle_web.extensions import db
 from whistle_web.models import Category, Provider
 from whistle_web.tenancy import organization_scope
 from workers.queues import QUEUES
+from workers.worker import WhistleSimpleWorker
 
 CONTENT = {
     "email": {
@@ -41,7 +41,7 @@ def run_jobs(redis: Any) -> int:
         return sum(FinishedJobRegistry(q, connection=redis).count for q in QUEUES)
 
     before = finished()
-    SimpleWorker(list(QUEUES), connection=redis).work(burst=True)
+    WhistleSimpleWorker(list(QUEUES), connection=redis).work(burst=True)
     failed = sum(FailedJobRegistry(q, connection=redis).count for q in QUEUES)
     assert failed == 0, _failures(redis)
     return finished() - before
