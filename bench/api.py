@@ -323,26 +323,43 @@ def queued_jobs(args: argparse.Namespace) -> int:
     return sum(Queue(name, connection=connection).count for name in QUEUES)
 
 
+def unplanned_send_requests(database_url: str) -> int:
+    """Send requests no worker has finished planning (one per trigger)."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM send_requests WHERE status IN ('pending', 'planning')"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def drain(args: argparse.Namespace, web_pid: int, workers: Workers) -> dict[str, float]:
-    """Time the workers, alone now, through the jobs the trigger phase left queued."""
+    """Time the workers, alone now, through the jobs the trigger phase left queued (a job
+    plans one trigger, or a group of triggers written together)."""
     waiting = queued_jobs(args)
+    unplanned = unplanned_send_requests(args.database_url)
     before = cpu_seconds(args.database_url, web_pid, workers.pids)
     started = time.monotonic()
     while queued_jobs(args) and time.monotonic() - started < 300:
         time.sleep(0.2)
+    # The last job may still be running when the queue is empty.
+    while unplanned_send_requests(args.database_url) and time.monotonic() - started < 300:
+        time.sleep(0.05)
     seconds = time.monotonic() - started
     left = queued_jobs(args)
     cpu = cpu_split(before, cpu_seconds(args.database_url, web_pid, workers.pids), seconds)
-    done = max(1, waiting - left)
+    planned = unplanned - unplanned_send_requests(args.database_url)
+    done = max(1, planned)
     print(
-        f"  drained {waiting - left:,} jobs in {seconds:.1f} s ({done / seconds:.0f} jobs/s, "
-        f"{left:,} left) with the web process idle; per job: workers "
-        f"{cpu['workers'] * 1000 / done:.2f} ms CPU, PostgreSQL {cpu['postgres'] * 1000 / done:.2f}"
-        f" ms, Redis {cpu['redis'] * 1000 / done:.2f} ms; everything else "
-        f"{cpu['everything_else']:.1f} core-s",
+        f"  drained {waiting - left:,} jobs planning {planned:,} triggers in {seconds:.1f} s "
+        f"({done / seconds:.0f} triggers/s, {left:,} jobs left) with the web process idle; "
+        f"per trigger: workers {cpu['workers'] * 1000 / done:.2f} ms CPU, PostgreSQL "
+        f"{cpu['postgres'] * 1000 / done:.2f} ms, Redis {cpu['redis'] * 1000 / done:.2f} ms; "
+        f"everything else {cpu['everything_else']:.1f} core-s",
         flush=True,
     )
-    return {"jobs": waiting - left, "seconds": seconds, **cpu}
+    return {"jobs": waiting - left, "triggers": planned, "seconds": seconds, **cpu}
 
 
 def request_once(port: int, method: str, path: str) -> tuple[int, bytes]:

@@ -214,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mode",
         choices=("rq", "direct"),
         default="rq",
-        help="run the jobs with rq.SimpleWorker (default) or call the job function directly",
+        help="run the jobs with WhistleSimpleWorker (default) or call the job function directly",
     )
     parser.add_argument("--warmup", type=int, default=50, help="jobs run first, not measured")
     parser.add_argument("--profile", help="write cProfile stats of the measured jobs here")

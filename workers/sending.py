@@ -8,9 +8,11 @@ from datetime import UTC, datetime
 
 from rq import Queue
 from rq.job import Job
+from rq.timeouts import BaseTimeoutException
 
 from whistle_web import get_redis
 from whistle_web.deliveries import dispatch, planner
+from whistle_web.extensions import db
 from whistle_web.notifications.models import SendRequest, SendRequestKind
 from whistle_web.tenancy import organization_scope
 from workers.queues import DEFAULT, HIGH
@@ -30,6 +32,36 @@ def plan_send_request(send_request_id: int, organization_id: int) -> str:
     return f"{len(planned.batch_ids)} batches"
 
 
+class PlanningFailed(Exception):
+    """Some send requests of a planning group could not be planned (each one is logged)."""
+
+
+def plan_send_requests(requests: list[tuple[int, int]]) -> str:
+    """Plan the send requests of triggers written together, given as (id, organization id).
+
+    One job for what a web process wrote in one statement (see :func:`enqueue_plannings`):
+    RQ's own work per job (dequeue, registries, heartbeats, result: ~15 Redis commands and 4
+    transactions) is then paid once for the group. Each request is planned exactly as
+    :func:`plan_send_request` plans it, in its own organization's scope and transactions,
+    in the order written. One that fails is logged and rolled back and the others go on;
+    the job then fails naming it, and the sweeper enqueues its planning on its own after
+    its grace period, as it does for a failed single planning job.
+    """
+    failed: list[int] = []
+    for request_id, organization_id in requests:
+        try:
+            plan_send_request(request_id, organization_id)
+        except BaseTimeoutException:
+            raise
+        except Exception:
+            log.exception("planning send request %s failed", request_id)
+            db.session.rollback()
+            failed.append(request_id)
+    if failed:
+        raise PlanningFailed(f"send requests {failed} of {len(requests)} could not be planned")
+    return f"{len(requests)} send requests"
+
+
 def _send_now(batch_ids: list[int]) -> None:
     """A small trigger's batches, sent by its planning job (see planner.plan)."""
     for batch_id in batch_ids:
@@ -46,6 +78,23 @@ def planning_job_id(send_request_id: int) -> str:
     return f"plan-{send_request_id}"
 
 
+# A send request planned by a group's job: the key names that job, for the sweeper (which
+# looks planning up by send request). Kept as long as a queued job may reasonably wait.
+GROUP_ALIAS_TTL = 24 * 3600
+
+
+def planning_alias_key(send_request_id: int) -> str:
+    return f"whistle:planning:{send_request_id}"
+
+
+def planning_job_ids(send_request_id: int) -> list[str]:
+    """The jobs that may be planning a send request: its group's (if it was enqueued in
+    one) and its own (enqueued alone, by its creator or by the sweeper)."""
+    group = get_redis().get(planning_alias_key(send_request_id))
+    own = planning_job_id(send_request_id)
+    return [group.decode(), own] if group else [own]
+
+
 def batch_job_id(batch_id: int) -> str:
     return f"batch-{batch_id}"
 
@@ -57,9 +106,36 @@ def enqueue_planning(request: SendRequest) -> Job:
 
 
 def enqueue_plannings(requests: Sequence[tuple[int, int]], *, kind: SendRequestKind) -> list[Job]:
-    """Enqueue the planning jobs of send requests given as (id, organization id), all in
-    one Redis round trip (``enqueue`` takes two per job)."""
-    queue = Queue(HIGH if kind == SendRequestKind.TRIGGER else DEFAULT, connection=get_redis())
+    """Enqueue the planning of send requests given as (id, organization id), all in one
+    Redis round trip (``enqueue`` takes two per job).
+
+    Several triggers (a web process's group, written by one statement) are planned by one
+    job, :func:`plan_send_requests`, whose id each request's alias key names. Anything else
+    gets a job of its own per request: campaign runs are planned (and sliced) on their own.
+    """
+    redis = get_redis()
+    queue = Queue(HIGH if kind == SendRequestKind.TRIGGER else DEFAULT, connection=redis)
+    if kind == SendRequestKind.TRIGGER and len(requests) > 1:
+        job_id = f"plan-group-{requests[0][0]}"
+        with redis.pipeline() as pipe:
+            jobs = queue.enqueue_many(
+                [
+                    Queue.prepare_data(
+                        plan_send_requests,
+                        args=([tuple(request) for request in requests],),
+                        job_id=job_id,
+                        timeout=JOB_TIMEOUT,
+                        failure_ttl=FAILURE_TTL,
+                        result_ttl=3600,
+                        description=f"plan send requests {[r for r, _ in requests]}",
+                    )
+                ],
+                pipeline=pipe,
+            )
+            for request_id, _ in requests:
+                pipe.set(planning_alias_key(request_id), job_id, ex=GROUP_ALIAS_TTL)
+            pipe.execute()
+        return jobs
     return queue.enqueue_many(
         [
             Queue.prepare_data(

@@ -67,6 +67,18 @@ def held_group(app: Any, monkeypatch: pytest.MonkeyPatch, waiting: int) -> list[
     return batches
 
 
+def planned(redis: Any) -> list[tuple[int, int]]:
+    """The (send request, organization) pairs the queued planning jobs plan, sorted; a
+    group's job plans several."""
+    pairs: list[tuple[int, int]] = []
+    for job in Queue(HIGH, connection=redis).get_jobs():
+        if job.func_name == "workers.sending.plan_send_requests":
+            pairs += [tuple(pair) for pair in job.args[0]]
+        else:
+            pairs.append(tuple(job.args))
+    return sorted(pairs)
+
+
 def run_concurrently(app: Any, calls: list[tuple[int, dict[str, Any]]]) -> list[Any]:
     """Trigger each (organization, arguments) from its own thread, with its own app context
     and session, as gunicorn's greenlets do. The first starts alone; the rest start once
@@ -148,9 +160,10 @@ def test_concurrent_triggers_are_written_together_each_in_its_own_organization(
         db.session.remove()
     assert {r.id: r.organization_id for r in rows} == accepted
     assert next(r.data for r in rows if r.id == out[1][0]) == {"n": 2}
-    # Planning enqueued for exactly the written ones, each with its own organization.
-    jobs = Queue(HIGH, connection=redis).get_jobs()
-    assert sorted(tuple(job.args) for job in jobs) == sorted(accepted.items())
+    # Planning enqueued for exactly the written ones, each with its own organization: the
+    # second batch's two by one job, the first's and the topic's by a job each.
+    assert planned(redis) == sorted(accepted.items())
+    assert len(Queue(HIGH, connection=redis).get_jobs()) == 3
 
 
 def test_a_row_the_database_refuses_fails_only_its_own_trigger(app, tenants, redis):  # type: ignore[no-untyped-def]
@@ -185,11 +198,7 @@ def test_a_row_the_database_refuses_fails_only_its_own_trigger(app, tenants, red
     assert "unsupported Unicode escape sequence" in str(outcomes[1])
     assert isinstance(outcomes[2], services._Written) and outcomes[2].row is not None
     assert sorted(rows) == [(a, {"x": 1}), (b, {"x": 3})]
-    jobs = Queue(HIGH, connection=redis).get_jobs()
-    assert sorted(tuple(job.args) for job in jobs) == [
-        (outcomes[0].row[0], a),
-        (outcomes[2].row[0], b),
-    ]
+    assert planned(redis) == [(outcomes[0].row[0], a), (outcomes[2].row[0], b)]
 
 
 def test_a_written_trigger_is_accepted_when_redis_fails_and_the_sweeper_plans_it(
@@ -304,3 +313,135 @@ def test_a_topic_is_bounded_by_its_own_organizations_newest_recipient(  # type: 
             bounds[org_id] = trigger("welcome", topic="digest", actor=ACTOR).max_recipient_id
             db.session.remove()
     assert bounds == {a: ids[a, "u-2"], b: ids[b, "u-1"], empty.id: 0}
+
+
+def written_together(app: Any, *orgs: int) -> list[int]:
+    """Write a "welcome" in-app trigger to u-1 for each organization in one group, as the
+    web process does under load (planning enqueued). Returns the send request ids."""
+    now = datetime.now(UTC)
+    values = {
+        "kind": "trigger",
+        "audience": None,
+        "ids": [],
+        "data": {},
+        "channels": ["in_app"],
+        "idempotency_key": None,
+        "send_at": now,
+        "local_send_time": None,
+        "bounded": False,
+        "actor": ACTOR.label,
+    }
+    with app.app_context():
+        outcomes = services._write_group(
+            [
+                services._Pending(services._statement_row(org, "welcome", ["u-1"], values), True)
+                for org in orgs
+            ]
+        )
+        db.session.remove()
+    return [outcome.row[0] for outcome in outcomes]
+
+
+def work(app: Any, redis: Any) -> None:
+    from workers.worker import WhistleSimpleWorker
+
+    with app.app_context():
+        WhistleSimpleWorker([Queue(HIGH, connection=redis)], connection=redis).work(burst=True)
+        db.session.remove()
+
+
+def statuses(app: Any) -> dict[int, tuple[int, str, int]]:
+    """Each send request's organization, status and notifications (of its organization)."""
+    from whistle_web.models import Notification
+
+    with app.app_context():
+        rows = db.session.execute(
+            unscoped(
+                select(
+                    SendRequest.id,
+                    SendRequest.organization_id,
+                    SendRequest.status,
+                    select(func.count())
+                    .where(
+                        Notification.send_request_id == SendRequest.id,
+                        Notification.organization_id == SendRequest.organization_id,
+                    )
+                    .scalar_subquery(),
+                )
+            )
+        ).all()
+        db.session.remove()
+    return {r[0]: (r[1], str(r[2]), r[3]) for r in rows}
+
+
+def test_a_groups_triggers_are_planned_by_one_job_each_in_its_organization(app, tenants, redis):  # type: ignore[no-untyped-def]
+    from rq.registry import FinishedJobRegistry
+
+    a, b, _, _ = tenants
+    first, second, third = written_together(app, a, b, a)
+    (job,) = Queue(HIGH, connection=redis).get_jobs()
+    assert job.id == f"plan-group-{first}"
+    assert job.args == ([(first, a), (second, b), (third, a)],)
+    for request_id in (first, second, third):
+        assert redis.get(f"whistle:planning:{request_id}") == job.id.encode()
+        assert 0 < redis.ttl(f"whistle:planning:{request_id}") <= 24 * 3600
+    work(app, redis)
+    assert FinishedJobRegistry(HIGH, connection=redis).get_job_ids() == [job.id]
+    assert statuses(app) == {
+        first: (a, "planned", 1),
+        second: (b, "planned", 1),
+        third: (a, "planned", 1),
+    }
+
+
+def test_the_sweeper_leaves_a_queued_groups_triggers_to_it(app, tenants, redis):  # type: ignore[no-untyped-def]
+    """Under a backlog longer than the sweeper's grace, a trigger waiting in its group's
+    job is not enqueued a second time."""
+    from whistle_web.deliveries.sweeper import start_due_send_requests
+
+    a, b, _, _ = tenants
+    written_together(app, a, b)
+    with app.app_context():
+        assert start_due_send_requests(datetime.now(UTC) + timedelta(minutes=10)) == 0
+        db.session.remove()
+    assert len(Queue(HIGH, connection=redis).get_jobs()) == 1
+
+
+def test_a_trigger_failing_in_a_group_fails_alone_and_the_sweeper_plans_it_again(
+    app, tenants, redis, monkeypatch, caplog
+):  # type: ignore[no-untyped-def]
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry
+
+    from whistle_web.deliveries.sweeper import start_due_send_requests
+    from workers import sending
+
+    a, b, _, _ = tenants
+    first, second = written_together(app, a, b)
+    plan = sending.plan_send_request
+
+    def broken(request_id: int, organization_id: int) -> str:
+        if request_id == first:
+            db.session.execute(select(1 / func.zero()))  # no such function: aborts it
+        return plan(request_id, organization_id)
+
+    monkeypatch.setattr(sending, "plan_send_request", broken)
+    with caplog.at_level(logging.ERROR):
+        work(app, redis)
+    monkeypatch.undo()
+    assert f"planning send request {first} failed" in caplog.text
+    (failed,) = FailedJobRegistry(HIGH, connection=redis).get_job_ids()
+    assert failed == f"plan-group-{first}"
+    assert f"send requests [{first}] of 2 could not be planned" in (
+        Job.fetch(failed, connection=redis).latest_result().exc_string
+    )
+    # The other was planned after the failure, in a clean transaction.
+    assert statuses(app) == {first: (a, "pending", 0), second: (b, "planned", 1)}
+
+    with app.app_context():
+        assert start_due_send_requests(datetime.now(UTC) + timedelta(minutes=10)) == 1
+        db.session.remove()
+    (job,) = Queue(HIGH, connection=redis).get_jobs()
+    assert (job.id, tuple(job.args)) == (f"plan-{first}", (first, a))
+    work(app, redis)
+    assert statuses(app)[first] == (a, "planned", 1)

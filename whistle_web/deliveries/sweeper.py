@@ -80,7 +80,7 @@ def job_alive(job_id: str, *, started_counts: bool = True) -> bool:
 
 def start_due_send_requests(now: datetime) -> int:
     """Enqueue planning for requests whose send time came, or whose planner vanished."""
-    from workers.sending import enqueue_planning, planning_job_id
+    from workers.sending import enqueue_planning, planning_job_ids
 
     rows = db.session.scalars(
         unscoped(
@@ -107,7 +107,11 @@ def start_due_send_requests(now: datetime) -> int:
         if request.campaign_id is not None and _campaign_paused(request):
             continue
         # A planner whose heartbeat went stale died even if RQ still calls its job started.
-        if not job_alive(planning_job_id(request.id), started_counts=request.heartbeat_at is None):
+        started_counts = request.heartbeat_at is None
+        if not any(
+            job_alive(job_id, started_counts=started_counts)
+            for job_id in planning_job_ids(request.id)
+        ):
             enqueue_planning(request)
             started += 1
     return started
