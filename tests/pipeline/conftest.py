@@ -33,6 +33,10 @@ CONTENT = {
 def run_jobs(redis: Any) -> int:
     """Run every queued job in this process (a real RQ worker, burst mode).
 
+    What the test wrote is committed first (in the test's transaction, rolled back at its
+    end): a worker sees only committed data, and the worker class rolls back its session
+    after every job, which would otherwise undo the test's uncommitted fixtures.
+
     Returns:
         How many jobs finished successfully.
     """
@@ -40,6 +44,7 @@ def run_jobs(redis: Any) -> int:
     def finished() -> int:
         return sum(FinishedJobRegistry(q, connection=redis).count for q in QUEUES)
 
+    db.session.commit()
     before = finished()
     WhistleSimpleWorker(list(QUEUES), connection=redis).work(burst=True)
     failed = sum(FailedJobRegistry(q, connection=redis).count for q in QUEUES)
