@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from tests.api.conftest import ApiClient, assert_problem
 from tests.factories import SYSTEM
@@ -215,6 +215,95 @@ def test_notifications_auth_and_tenancy(client, org, api, other_api, make_api, w
     assert_problem(other_api.delete(f"/notifications/{accepted['id']}"), 404)
     assert_problem(other_api.get("/recipients/u-1/notifications"), 404)
     assert_problem(other_api.post("/notifications", json=body), 422, "template")
+
+
+def test_send_requests_list_newest_first_with_filters(org, api, welcome, ada, make_template, jobs):
+    make_template(org, "digest", CONTENT)
+    first = _send(api, data={"n": 1})
+    later = _send(api, send_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
+    digest = _send(api, template="digest")
+    jobs()
+    with organization_scope(org.id):
+        campaign = create_campaign(
+            "C", template_key="welcome", channels=["in_app"], audience_type="all", actor=SYSTEM
+        )
+        launch_campaign(campaign.id, actor=SYSTEM)
+        run_id = db.session.scalar(
+            select(SendRequest.id).where(SendRequest.campaign_id == campaign.id)
+        )
+
+    def ids(**filters):  # type: ignore[no-untyped-def]
+        listed = api.get("/notifications", query_string=filters)
+        assert listed.status_code == 200, listed.json
+        return [item["id"] for item in listed.json["data"]]
+
+    assert ids() == [run_id, digest["id"], later["id"], first["id"]]
+    (item,) = api.get("/notifications", query_string={"template": "digest"}).json["data"]
+    assert item["template"] == "digest" and item["kind"] == "trigger"
+    assert item["status"] == "planned" and item["planned"] == 1 and item["recipients"] == 1
+    assert item["audience"] == "recipients" and item["channels"] == ["in_app"]
+    assert "counts" not in item and "notifications" not in item
+    assert ids(template="welcome", kind="trigger") == [later["id"], first["id"]]
+    assert ids(status="pending", kind="trigger") == [later["id"]]
+    assert ids(kind="campaign") == ids(campaign=campaign.id) == [run_id]
+    assert ids(template="nope") == []
+    # One transaction (the test's) gives every row the same now(): age the first two.
+    with organization_scope(org.id):
+        db.session.execute(
+            update(SendRequest)
+            .where(SendRequest.id.in_([first["id"], later["id"]]))
+            .values(created_at=SendRequest.created_at - timedelta(hours=2))
+        )
+        db.session.commit()
+    cut = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    assert ids(since=cut) == [run_id, digest["id"]]
+    assert ids(until=cut) == [later["id"], first["id"]]
+    # The same fields as GET /notifications/{id}, without its counts and notifications.
+    shown = api.get(f"/notifications/{first['id']}").json
+    (listed,) = [i for i in api.get("/notifications").json["data"] if i["id"] == first["id"]]
+    assert listed == {k: v for k, v in shown.items() if k not in ("counts", "notifications")}
+
+
+def test_send_requests_list_pages(api, welcome, ada):
+    sent = [_send(api)["id"] for _ in range(5)]
+    first = api.get("/notifications", query_string={"limit": 2}).json
+    assert [i["id"] for i in first["data"]] == sent[:-3:-1] and first["next_cursor"]
+    sent.append(_send(api)["id"])  # a new one does not shift the pages
+    second = api.get("/notifications", query_string={"limit": 2, "cursor": first["next_cursor"]})
+    third = api.get(
+        "/notifications", query_string={"limit": 2, "cursor": second.json["next_cursor"]}
+    ).json
+    assert [i["id"] for i in second.json["data"]] == [sent[2], sent[1]]
+    assert [i["id"] for i in third["data"]] == [sent[0]] and third["next_cursor"] is None
+
+
+@pytest.mark.parametrize(
+    ("filters", "field"),
+    [
+        ({"status": "sent"}, "status"),
+        ({"kind": "broadcast"}, "kind"),
+        ({"campaign": "x"}, "campaign"),
+        ({"since": "yesterday"}, "since"),
+        ({"since": "2024-01-02T00:00:00Z", "until": "2024-01-01T00:00:00Z"}, "until"),
+        ({"template": "x" * 101}, "template"),
+        ({"limit": 0}, "limit"),
+        ({"cursor": "nope"}, "cursor"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_send_requests_list_validation(api, filters, field):
+    assert_problem(api.get("/notifications", query_string=filters), 422, field)
+
+
+def test_send_requests_list_auth_and_tenancy(client, org, api, other_api, make_api, welcome, ada):
+    ours = _send(api)["id"]
+    assert_problem(ApiClient(client, None).get("/notifications"), 401)
+    assert_problem(make_api(org, scopes=["notifications:write"]).get("/notifications"), 403)
+    assert [
+        i["id"]
+        for i in make_api(org, scopes=["notifications:read"]).get("/notifications").json["data"]
+    ] == [ours]
+    assert other_api.get("/notifications").json == {"data": [], "next_cursor": None}
 
 
 # --- POST /events ------------------------------------------------------------------------

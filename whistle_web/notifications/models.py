@@ -31,6 +31,9 @@ class SendRequest(TenantScoped, db.Model):
     """A trigger or a campaign run: written in the request, planned by a worker."""
 
     __tablename__ = "send_requests"
+    # (organization_id, id) below serves the organization's rows and their newest-first
+    # listing (GET /notifications): no single-column index beside it.
+    __tenant_index__ = False
     # The INSERT returns the server defaults (status, created_at, ...): the API's answer
     # needs them, and reading them back after the commit would cost another query.
     __mapper_args__ = {"eager_defaults": True}
@@ -49,6 +52,7 @@ class SendRequest(TenantScoped, db.Model):
             postgresql_where=text("status IN ('pending', 'planning')"),
         ),
         Index("ix_send_requests_campaign", "campaign_id"),
+        Index("ix_send_requests_organization_id_id", "organization_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(Identity(), primary_key=True)

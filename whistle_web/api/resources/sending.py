@@ -29,7 +29,12 @@ from whistle_web.deliveries.status import DeliveryStatus
 from whistle_web.errors import FieldError, InvalidState, NotFound, ValidationError
 from whistle_web.extensions import db
 from whistle_web.message_templates.models import Template
-from whistle_web.notifications.models import Notification, SendRequest, SendRequestKind
+from whistle_web.notifications.models import (
+    Notification,
+    SendRequest,
+    SendRequestKind,
+    SendRequestStatus,
+)
 from whistle_web.notifications.services import cancel_send_request, trigger
 from whistle_web.recipients.models import Recipient
 
@@ -240,10 +245,10 @@ class NotificationAccepted(Out):
     created_at: datetime
 
 
-class SendRequestOut(NotificationAccepted):
-    kind: str
+class SendRequestSummary(NotificationAccepted):
+    kind: str = Field(description="trigger, or campaign (one run of a campaign).")
     campaign_id: int | None
-    audience: str
+    audience: str = Field(description="recipients, list, topic, segment or all.")
     data: dict[str, Any]
     planned: int = Field(description="Recipients planned so far.")
     planned_at: datetime | None = Field(
@@ -252,8 +257,50 @@ class SendRequestOut(NotificationAccepted):
     )
     cancelled_at: datetime | None
     error: str | None
+
+    @classmethod
+    def fields_of(cls, sr: SendRequest, template_key: str) -> dict[str, Any]:
+        return {
+            **_accepted_fields(sr, template_key),
+            "kind": str(sr.kind),
+            "campaign_id": sr.campaign_id,
+            "audience": str((sr.audience or {}).get("type", "")),
+            "data": sr.data or {},
+            "planned": sr.planned_count,
+            "planned_at": sr.planned_at,
+            "cancelled_at": sr.cancelled_at,
+            "error": sr.error,
+        }
+
+
+class SendRequestPage(Out):
+    data: list[SendRequestSummary]
+    next_cursor: str | None
+
+
+class SendRequestOut(SendRequestSummary):
     counts: DeliveryCounts
     notifications: NotificationPage
+
+
+SendRequestStatusName = Literal["pending", "planning", "planned", "cancelled", "failed"]
+
+
+class SendRequestQuery(Schema):
+    template: Text | None = Field(default=None, max_length=100, description="A template's key.")
+    status: SendRequestStatusName | None = None
+    kind: Literal["trigger", "campaign"] | None = None
+    campaign: int | None = Field(default=None, ge=1, le=MAX_ID)
+    since: Timestamp | None = Field(default=None, description="Created at or after (RFC 3339).")
+    until: Timestamp | None = Field(default=None, description="Created before (RFC 3339).")
+    limit: int = Field(default=50, ge=1, le=200)
+    cursor: Text | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> SendRequestQuery:
+        if self.since and self.until and self.until <= self.since:
+            raise ValidationError.single("until", "Must be after since.")
+        return self
 
 
 class PageQuery(Schema):
@@ -361,6 +408,56 @@ def create_notification(body: NotificationIn) -> NotificationAccepted:
 @endpoint(
     bp,
     "GET",
+    "/notifications",
+    summary="List send requests (triggers and campaign runs), newest first",
+    tags=TAGS,
+    scope="notifications:read",
+    query=SendRequestQuery,
+    response=SendRequestPage,
+)
+def list_notifications(query: SendRequestQuery) -> SendRequestPage:
+    """Filter by template key, status, kind, campaign and creation time (`since` inclusive,
+    `until` exclusive). Each item is the send request without its notifications and
+    delivery counts: `GET /notifications/{id}` has those."""
+    stmt = select(SendRequest)
+    if query.template is not None:
+        stmt = stmt.where(
+            SendRequest.template_id
+            == select(Template.id).where(Template.key == query.template).scalar_subquery()
+        )
+    if query.status is not None:
+        stmt = stmt.where(SendRequest.status == SendRequestStatus(query.status))
+    if query.kind is not None:
+        stmt = stmt.where(SendRequest.kind == SendRequestKind(query.kind))
+    if query.campaign is not None:
+        stmt = stmt.where(SendRequest.campaign_id == query.campaign)
+    if query.since is not None:
+        stmt = stmt.where(SendRequest.created_at >= query.since)
+    if query.until is not None:
+        stmt = stmt.where(SendRequest.created_at < query.until)
+    rows, cursor = page(stmt, SendRequest.id, limit=query.limit, cursor=query.cursor)
+    template_ids = {sr.template_id for sr in rows}
+    keys = (
+        dict(
+            db.session.execute(
+                select(Template.id, Template.key).where(Template.id.in_(template_ids))
+            ).all()
+        )
+        if template_ids
+        else {}
+    )
+    return SendRequestPage(
+        data=[
+            SendRequestSummary(**SendRequestSummary.fields_of(sr, keys.get(sr.template_id, "")))
+            for sr in rows
+        ],
+        next_cursor=cursor,
+    )
+
+
+@endpoint(
+    bp,
+    "GET",
     "/notifications/{id}",
     summary="Get a send request: its status, delivery counts and notifications",
     tags=TAGS,
@@ -389,15 +486,7 @@ def show_notification(id: int, query: PageQuery) -> SendRequestOut:
     )
     key = db.session.scalar(select(Template.key).where(Template.id == sr.template_id))
     return SendRequestOut(
-        **_accepted_fields(sr, key or ""),
-        kind=str(sr.kind),
-        campaign_id=sr.campaign_id,
-        audience=str((sr.audience or {}).get("type", "")),
-        data=sr.data or {},
-        planned=sr.planned_count,
-        planned_at=sr.planned_at,
-        cancelled_at=sr.cancelled_at,
-        error=sr.error,
+        **SendRequestSummary.fields_of(sr, key or ""),
         counts=DeliveryCounts(total=sum(by_status.values()), **by_status),
         notifications=NotificationPage(data=notifications_out(rows), next_cursor=cursor),
     )
