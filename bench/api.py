@@ -718,7 +718,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--idempotency-keys",
         action="store_true",
         help="send every trigger with an Idempotency-Key of its own (as careful "
-        "integrations do): the keyed path, which is not grouped",
+        "integrations do): the key is taken by the trigger statement itself",
     )
     parser.add_argument(
         "--server-log",

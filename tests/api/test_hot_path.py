@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import event, select, update
+from sqlalchemy import event, func, select, update
 
 from tests.api.conftest import assert_problem
 from tests.pipeline.conftest import CONTENT
@@ -296,18 +296,33 @@ def test_outside_a_transaction_the_trigger_commits_by_itself(org, api, welcome, 
 
 
 @pytest.mark.committed
-def test_a_keyed_trigger_claims_sends_and_records_in_autocommit(org, api, welcome, ada, redis):
-    """With an Idempotency-Key: the claim, the trigger and the stored answer are one
-    autocommit statement each; a replay claims nothing and reads the stored answer."""
+def test_a_keyed_trigger_is_one_grouped_statement_and_its_send_request_is_the_record(
+    org, api, welcome, ada, redis
+):
+    """With an Idempotency-Key: the trigger statement takes the key and keeps the request's
+    fingerprint, and nothing else is written (no API record claimed before and answered
+    after). A replay is the trigger statement finding the key taken and one read of the
+    send request holding it."""
+    from whistle_web.api.models import IdempotencyRecord
+
+    org_id = org.id
     committed_and_key_cached(api)
     headers = {"Idempotency-Key": "order-7"}
     with autocommit_statements() as seen:
         first = api.post("/notifications", json=BODY, headers=headers)
         db.session.remove()
-        claimed = list(seen)
+        made = list(seen)
         replay = api.post("/notifications", json=BODY, headers=headers)
         db.session.remove()
     assert first.status_code == 202 and replay.status_code == 202
     assert replay.json == first.json and replay.headers["Idempotent-Replayed"] == "true"
-    assert claimed == [("INSERT", True), ("WITH", True), ("UPDATE", True)]
-    assert seen[len(claimed) :] == [("INSERT", True), ("SELECT", False)]
+    assert "Idempotent-Replayed" not in first.headers
+    assert made == [("WITH", True)]
+    assert seen[len(made) :] == [("WITH", True), ("SELECT", False)]
+    with organization_scope(org_id):
+        (request,) = db.session.scalars(
+            select(SendRequest).where(SendRequest.idempotency_key == "order-7")
+        ).all()
+        assert request.id == first.json["id"] and len(request.request_hash or "") == 64
+        assert db.session.scalar(select(func.count()).select_from(IdempotencyRecord)) == 0
+    db.session.remove()

@@ -121,13 +121,49 @@ def test_idempotency_key_sends_once(org, api, welcome, ada, jobs):
     assert again.json == first.json and again.headers["Idempotent-Replayed"] == "true"
     jobs()
     third = api.post("/notifications", json=body, headers=headers)
-    assert third.json["id"] == first.json["id"]
+    assert third.json == first.json  # the first answer, though the send is planned now
+    assert third.headers["Idempotent-Replayed"] == "true"
+    assert api.get(f"/notifications/{first.json['id']}").json["status"] == "planned"
     jobs()
     assert [d.status for d in _deliveries(org)] == ["sent"]
     with organization_scope(org.id):
         assert db.session.scalar(select(func.count()).select_from(SendRequest)) == 1
     other = api.post("/notifications", json={**body, "data": {"x": 1}}, headers=headers)
     assert_problem(other, 409)
+
+
+def test_a_refused_keyed_trigger_holds_no_key(api, welcome, ada):
+    """Nothing was sent, so nothing is replayed: the retry is checked again."""
+    headers = {"Idempotency-Key": "invite-9"}
+    body = {"template": "welcome", "to": ["u-9"], "channels": ["in_app"]}
+    assert_problem(api.post("/notifications", json=body, headers=headers), 422, "to[0]")
+    assert api.put("/recipients/u-9", json={"name": "Nine"}).status_code in (200, 201)
+    sent = api.post("/notifications", json=body, headers=headers)
+    assert sent.status_code == 202 and "Idempotent-Replayed" not in sent.headers
+    again = api.post("/notifications", json=body, headers=headers)
+    assert again.json == sent.json and again.headers["Idempotent-Replayed"] == "true"
+
+
+@pytest.mark.parametrize("key", [" ", "k" * 256])
+def test_an_unusable_idempotency_key_is_422(api, welcome, ada, key):
+    body = {"template": "welcome", "to": ["u-1"]}
+    response = api.post("/notifications", json=body, headers={"Idempotency-Key": key})
+    assert_problem(response, 422, "Idempotency-Key")
+
+
+def test_a_key_used_outside_the_api_replays_its_send(org, api, welcome, ada):
+    """A send request made with a key but no request fingerprint (the console's, or one
+    from before fingerprints were kept) is returned as it is, with its template's key."""
+    from whistle_web.notifications.services import trigger
+
+    with organization_scope(org.id):
+        made = trigger("welcome", to=["u-1"], idempotency_key="from-console", actor=SYSTEM)
+        made_id = made.id
+    body = {"template": "welcome", "to": ["u-1"], "data": {"other": "body"}}
+    replay = api.post("/notifications", json=body, headers={"Idempotency-Key": "from-console"})
+    assert replay.status_code == 202 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json["id"] == made_id and replay.json["template"] == "welcome"
+    assert replay.json["status"] == "pending"
 
 
 def test_scheduled_send_reports_and_cancels(org, api, welcome, ada, jobs):

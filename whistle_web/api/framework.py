@@ -17,7 +17,7 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from flask import Blueprint, Response, g, request
 from pydantic import BaseModel, ConfigDict
@@ -53,7 +53,9 @@ class Operation:
     query: type[BaseModel] | None
     response: Any
     status: int
-    idempotent: bool
+    # True: Idempotency-Key is handled here (api/idempotency.py: a stored response);
+    # "handler": the view handles it with its own write (still documented as accepted).
+    idempotent: bool | Literal["handler"]
     auth: str  # "key" (API key or staff token), "none", "recipient"
     description: str = ""
     errors: list[int] = field(default_factory=list)
@@ -74,7 +76,7 @@ def endpoint(
     query: type[BaseModel] | None = None,
     response: Any = None,
     status: int = 200,
-    idempotent: bool = False,
+    idempotent: bool | Literal["handler"] = False,
     auth: str = "key",
     errors: list[int] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -116,7 +118,7 @@ def endpoint(
                     kwargs["body"] = parse_body(operation.body, raw_body)
                 if operation.query is not None:
                     kwargs["query"] = parse_query(operation.query)
-                if operation.idempotent and request.headers.get("Idempotency-Key"):
+                if operation.idempotent is True and request.headers.get("Idempotency-Key"):
                     return idempotency.run(
                         request.headers["Idempotency-Key"],
                         raw_body,
@@ -272,10 +274,14 @@ def _respond(operation: Operation, result: Any) -> Response:
         return Response(status=204)
     if isinstance(result, Response):
         return result
-    payload = _dump(result)
+    return json_response(result, operation.status)
+
+
+def json_response(result: Any, status: int) -> Response:
+    """A response model (or list, or dict of them) as the API's JSON answer."""
     return Response(
-        json.dumps(payload, separators=(",", ":"), default=str),
-        status=operation.status,
+        json.dumps(_dump(result), separators=(",", ":"), default=str),
+        status=status,
         mimetype="application/json",
     )
 

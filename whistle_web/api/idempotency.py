@@ -4,6 +4,11 @@ The first request with a key runs and its response is stored; the same key with 
 method, path and body within 24 hours gets that response again (``Idempotent-Replayed:
 true``); the same key with a different request, or while the first is still running, is a
 409. Server errors are not stored, so a retry after one runs again.
+
+An endpoint whose own write holds the key (``@endpoint(idempotent="handler")``: a trigger's
+send request, unique per key) keeps the request's :func:`fingerprint` with that write
+instead, and uses the helpers here to answer a retry; what it refuses writes nothing, so a
+retry of a refused request is checked again.
 """
 
 from __future__ import annotations
@@ -27,14 +32,38 @@ WINDOW = timedelta(hours=24)
 MAX_KEY_LENGTH = 255
 
 
-def run(key: str, body: bytes, produce: Callable[[], Response]) -> Response:
+def checked_key(key: str) -> str:
+    """The key without surrounding blanks.
+
+    Raises:
+        ValidationError: empty, or longer than :data:`MAX_KEY_LENGTH`.
+    """
     key = key.strip()
     if not key or len(key) > MAX_KEY_LENGTH:
         raise ValidationError.single("Idempotency-Key", f"Use 1 to {MAX_KEY_LENGTH} characters.")
-    org_id = require_organization_id()
-    digest = hashlib.sha256(
+    return key
+
+
+def fingerprint(body: bytes) -> str:
+    """What makes this request the same request: method, path and body (SHA-256, hex)."""
+    return hashlib.sha256(
         request.method.encode() + b" " + request.path.encode() + b"\n" + body
     ).hexdigest()
+
+
+def different_request() -> Conflict:
+    return Conflict("This Idempotency-Key was used with a different request.")
+
+
+def replayed(response: Response) -> Response:
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def run(key: str, body: bytes, produce: Callable[[], Response]) -> Response:
+    key = checked_key(key)
+    org_id = require_organization_id()
+    digest = fingerprint(body)
     now = datetime.now(UTC)
     # One statement claims the key: a new record, or an expired one taken over (it frees
     # its key); a live record of the key claims nothing.
@@ -57,7 +86,7 @@ def run(key: str, body: bytes, produce: Callable[[], Response]) -> Response:
     if claimed is None:
         record = db.session.scalar(select(IdempotencyRecord).where(IdempotencyRecord.key == key))
         if record is None or record.request_hash != digest:
-            raise Conflict("This Idempotency-Key was used with a different request.")
+            raise different_request()
         if record.status_code is None:
             raise Conflict("A request with this Idempotency-Key is still in progress.")
         replay = Response(
@@ -65,8 +94,7 @@ def run(key: str, body: bytes, produce: Callable[[], Response]) -> Response:
         )
         for name, value in (record.response_headers or {}).items():
             replay.headers[name] = value
-        replay.headers["Idempotent-Replayed"] = "true"
-        return replay
+        return replayed(replay)
     try:
         response = produce()
     except Exception:

@@ -71,6 +71,9 @@ class SendRequest(TenantScoped, db.Model):
     data: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     channels: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # The API request that made it (SHA-256 of method, path and body, hex), when it came
+    # with an Idempotency-Key: a retry with the key must be the same request.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     send_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
     # Deliver at this wall-clock time in each recipient's own timezone (on or after send_at).
     local_send_time: Mapped[time | None]

@@ -133,7 +133,8 @@ WITH input AS (
     SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(
         n int, org bigint, kind text, key text, external_ids text[], ids bigint[],
         audience jsonb, data jsonb, channels text[], idempotency_key text,
-        send_at timestamptz, local_send_time time, bounded boolean, actor text)
+        request_hash text, send_at timestamptz, local_send_time time, bounded boolean,
+        actor text)
 ), found AS (
     SELECT x.n, t.template_id, t.version_id, t.content,
            (SELECT jsonb_object_agg(r.external_id, r.id) FROM recipients r
@@ -168,14 +169,14 @@ WITH input AS (
           = cardinality(x.external_ids)
 ), inserted AS (
     INSERT INTO send_requests (id, organization_id, kind, template_id, template_version_id,
-        audience, data, channels, idempotency_key, send_at, local_send_time,
+        audience, data, channels, idempotency_key, request_hash, send_at, local_send_time,
         max_recipient_id, actor)
     SELECT a.id, x.org, x.kind, f.template_id, f.version_id,
         coalesce(x.audience, jsonb_build_object('type', 'recipients', 'ids',
             (SELECT coalesce(jsonb_agg(u.id ORDER BY u.id), '[]'::jsonb) FROM (
                 SELECT value::bigint AS id FROM jsonb_each_text(f.listed)
                 UNION SELECT unnest(x.ids)) AS u))),
-        x.data, x.channels, x.idempotency_key, x.send_at, x.local_send_time,
+        x.data, x.channels, x.idempotency_key, x.request_hash, x.send_at, x.local_send_time,
         -- The organization's newest recipient, read backwards off the (organization_id,
         -- id) index from (org, max). max(r.id) WHERE organization_id = x.org is planned as a
         -- backward walk of the primary key until a row of the organization turns up: 250 ms
@@ -319,6 +320,7 @@ def _as_send_request(row: dict[str, Any], values: dict[str, Any], written: _Writ
         data=values["data"],
         channels=values["channels"],
         idempotency_key=values["idempotency_key"],
+        request_hash=values["request_hash"],
         send_at=values["send_at"],
         local_send_time=values["local_send_time"],
         max_recipient_id=max_recipient_id,
@@ -396,13 +398,15 @@ def trigger(
     send_at: datetime | None = None,
     local_time: time | None = None,
     idempotency_key: str | None = None,
+    request_hash: str | None = None,
     actor: Actor,
 ) -> SendRequest:
     """Ask for a template to be sent to recipients, a topic or a segment.
 
     The same ``idempotency_key`` within 24 hours returns the first send request (its
-    ``replayed`` is True) and sends nothing again. Commits, then enqueues planning when the
-    send is due.
+    ``replayed`` is True) and sends nothing again; ``request_hash`` is kept with the key
+    (the API's fingerprint of the request) for the caller to compare on a replay. Commits,
+    then enqueues planning when the send is due.
 
     Raises:
         ValidationError: bad template, audience, channels or recipients (field paths given).
@@ -436,6 +440,7 @@ def trigger(
         "data": data or {},
         "channels": channels,
         "idempotency_key": idempotency_key or None,
+        "request_hash": request_hash if idempotency_key else None,
         "send_at": send_at or now,
         "local_send_time": local_time,
         # Topics and segments are bounded by the recipients that exist now; a list of ids
@@ -487,6 +492,7 @@ def trigger(
                 send_at=send_at,
                 local_time=local_time,
                 idempotency_key=idempotency_key,
+                request_hash=request_hash,
                 actor=actor,
             )
         existing.replayed = True

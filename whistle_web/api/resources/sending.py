@@ -7,7 +7,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
-from flask import request
+from flask import Response, request
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -20,8 +20,15 @@ from pydantic import (
 )
 from sqlalchemy import func, select
 
-from whistle_web.api import bp
-from whistle_web.api.framework import Out, Schema, current_actor, endpoint, page
+from whistle_web.api import bp, idempotency
+from whistle_web.api.framework import (
+    Out,
+    Schema,
+    current_actor,
+    endpoint,
+    json_response,
+    page,
+)
 from whistle_web.channels.kinds import Channel
 from whistle_web.deliveries.ledger import record_event
 from whistle_web.deliveries.models import Delivery, DeliveryEvent
@@ -378,15 +385,23 @@ def external_ids(recipient_ids: set[int]) -> dict[int, str]:
     body=NotificationIn,
     response=NotificationAccepted,
     status=202,
-    idempotent=True,
+    idempotent="handler",
 )
-def create_notification(body: NotificationIn) -> NotificationAccepted:
+def create_notification(body: NotificationIn) -> NotificationAccepted | Response:
     """Give exactly one of `to` (external ids, or profiles that are created or updated
     first), `topic` (a key) or `segment` (an id). Nothing is sent during the request: the
     answer is the send request, planned and sent by workers right away or at `send_at`
     (and at `local_time` in each recipient's time zone). The same `Idempotency-Key` within
-    24 hours returns the first answer and sends nothing again."""
-    idempotency_key = (request.headers.get("Idempotency-Key") or "").strip() or None
+    24 hours returns the first answer (`Idempotent-Replayed: true`) and sends nothing
+    again; with another request it is a 409. A refused trigger (4xx) sends nothing and
+    holds no key: a retry is checked again."""
+    # The send request holds the key (unique per organization, taken in the trigger's own
+    # statement) and the request's fingerprint: no separate API record is claimed before
+    # the trigger and answered after it, so a keyed trigger is grouped and costs what an
+    # unkeyed one does.
+    header = request.headers.get("Idempotency-Key")
+    idempotency_key = idempotency.checked_key(header) if header else None
+    digest = idempotency.fingerprint(request.get_data(cache=True)) if idempotency_key else None
     sr = trigger(
         body.template,
         to=[item.as_trigger_item() for item in body.to] if body.to else None,
@@ -397,12 +412,23 @@ def create_notification(body: NotificationIn) -> NotificationAccepted:
         send_at=body.send_at,
         local_time=body.local_time,
         idempotency_key=idempotency_key,
+        request_hash=digest,
         actor=current_actor(),
     )
-    key = body.template  # what trigger() found the template by...
-    if sr.replayed:  # ...unless it returned an earlier send with this key
+    if not sr.replayed:
+        return NotificationAccepted(**_accepted_fields(sr, body.template))
+    key = body.template
+    if sr.request_hash is None:
+        # Made without a fingerprint (by the console, or before fingerprints were kept):
+        # nothing to compare; its template may have been asked for by another key.
         key = db.session.scalar(select(Template.key).where(Template.id == sr.template_id)) or key
-    return NotificationAccepted(**_accepted_fields(sr, key))
+    elif sr.request_hash != digest:
+        raise idempotency.different_request()
+    # The first answer again: every field is as the INSERT returned it, the status too.
+    first = NotificationAccepted(
+        **{**_accepted_fields(sr, key), "status": str(SendRequestStatus.PENDING)}
+    )
+    return idempotency.replayed(json_response(first, 202))
 
 
 @endpoint(
