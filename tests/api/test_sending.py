@@ -38,6 +38,19 @@ def _deliveries(org, *where):  # type: ignore[no-untyped-def]
         return list(db.session.scalars(select(Delivery).where(*where).order_by(Delivery.id)))
 
 
+def _launched_campaign(org):  # type: ignore[no-untyped-def]
+    """An in-app campaign to everyone, launched: its id and its run's send request id."""
+    with organization_scope(org.id):
+        campaign = create_campaign(
+            "C", template_key="welcome", channels=["in_app"], audience_type="all", actor=SYSTEM
+        )
+        launch_campaign(campaign.id, actor=SYSTEM)
+        run_id = db.session.scalar(
+            select(SendRequest.id).where(SendRequest.campaign_id == campaign.id)
+        )
+    return campaign.id, run_id
+
+
 def _send(api, **body):  # type: ignore[no-untyped-def]
     body = {"template": "welcome", "to": ["u-1"], "channels": ["in_app"], **body}
     response = api.post("/notifications", json=body)
@@ -203,14 +216,7 @@ def test_cancel_stops_planned_deliveries(org, api, welcome, ada, jobs):
 
 
 def test_a_campaign_run_is_not_cancelled_here(org, api, welcome, ada, jobs):
-    with organization_scope(org.id):
-        campaign = create_campaign(
-            "C", template_key="welcome", channels=["in_app"], audience_type="all", actor=SYSTEM
-        )
-        launch_campaign(campaign.id, actor=SYSTEM)
-        run_id = db.session.scalar(
-            select(SendRequest.id).where(SendRequest.campaign_id == campaign.id)
-        )
+    _, run_id = _launched_campaign(org)
     assert api.get(f"/notifications/{run_id}").json["kind"] == "campaign"
     assert_problem(api.delete(f"/notifications/{run_id}"), 409)
 
@@ -259,14 +265,7 @@ def test_send_requests_list_newest_first_with_filters(org, api, welcome, ada, ma
     later = _send(api, send_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
     digest = _send(api, template="digest")
     jobs()
-    with organization_scope(org.id):
-        campaign = create_campaign(
-            "C", template_key="welcome", channels=["in_app"], audience_type="all", actor=SYSTEM
-        )
-        launch_campaign(campaign.id, actor=SYSTEM)
-        run_id = db.session.scalar(
-            select(SendRequest.id).where(SendRequest.campaign_id == campaign.id)
-        )
+    campaign_id, run_id = _launched_campaign(org)
 
     def ids(**filters):  # type: ignore[no-untyped-def]
         listed = api.get("/notifications", query_string=filters)
@@ -281,7 +280,7 @@ def test_send_requests_list_newest_first_with_filters(org, api, welcome, ada, ma
     assert "counts" not in item and "notifications" not in item
     assert ids(template="welcome", kind="trigger") == [later["id"], first["id"]]
     assert ids(status="pending", kind="trigger") == [later["id"]]
-    assert ids(kind="campaign") == ids(campaign=campaign.id) == [run_id]
+    assert ids(kind="campaign") == ids(campaign=campaign_id) == [run_id]
     assert ids(template="nope") == []
     # One transaction (the test's) gives every row the same now(): age the first two.
     with organization_scope(org.id):

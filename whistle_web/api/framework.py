@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 from flask import Blueprint, Response, g, request
 from pydantic import BaseModel, ConfigDict
 from pydantic import ValidationError as PydanticValidationError
+from sqlalchemy import select
 
 from whistle_web.api.problems import problem
 from whistle_web.errors import DomainError
@@ -332,6 +333,16 @@ def page(
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, encode_cursor(rows[-1].id) if more and rows else None
+
+
+def values_by_id(id_column: Any, value_column: Any, ids: set[int]) -> dict[int, Any]:
+    """One column of the rows with these ids, by id, in one query (none for no ids)."""
+    from whistle_web.extensions import db
+
+    if not ids:
+        return {}
+    rows = db.session.execute(select(id_column, value_column).where(id_column.in_(ids)))
+    return {row[0]: row[1] for row in rows}
 
 
 def current_actor() -> Any:

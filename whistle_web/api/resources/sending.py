@@ -28,6 +28,7 @@ from whistle_web.api.framework import (
     endpoint,
     json_response,
     page,
+    values_by_id,
 )
 from whistle_web.channels.kinds import Channel
 from whistle_web.deliveries.ledger import record_event
@@ -293,21 +294,26 @@ class SendRequestOut(SendRequestSummary):
 SendRequestStatusName = Literal["pending", "planning", "planned", "cancelled", "failed"]
 
 
-class SendRequestQuery(Schema):
-    template: Text | None = Field(default=None, max_length=100, description="A template's key.")
-    status: SendRequestStatusName | None = None
-    kind: Literal["trigger", "campaign"] | None = None
-    campaign: int | None = Field(default=None, ge=1, le=MAX_ID)
+class CreatedWindowPage(Schema):
+    """A page of a list filtered by creation time (`since` inclusive, `until` exclusive)."""
+
     since: Timestamp | None = Field(default=None, description="Created at or after (RFC 3339).")
     until: Timestamp | None = Field(default=None, description="Created before (RFC 3339).")
     limit: int = Field(default=50, ge=1, le=200)
     cursor: Text | None = None
 
     @model_validator(mode="after")
-    def _window(self) -> SendRequestQuery:
+    def _window(self) -> CreatedWindowPage:
         if self.since and self.until and self.until <= self.since:
             raise ValidationError.single("until", "Must be after since.")
         return self
+
+
+class SendRequestQuery(CreatedWindowPage):
+    template: Text | None = Field(default=None, max_length=100, description="A template's key.")
+    status: SendRequestStatusName | None = None
+    kind: Literal["trigger", "campaign"] | None = None
+    campaign: int | None = Field(default=None, ge=1, le=MAX_ID)
 
 
 class PageQuery(Schema):
@@ -462,16 +468,7 @@ def list_notifications(query: SendRequestQuery) -> SendRequestPage:
     if query.until is not None:
         stmt = stmt.where(SendRequest.created_at < query.until)
     rows, cursor = page(stmt, SendRequest.id, limit=query.limit, cursor=query.cursor)
-    template_ids = {sr.template_id for sr in rows}
-    keys = (
-        dict(
-            db.session.execute(
-                select(Template.id, Template.key).where(Template.id.in_(template_ids))
-            ).all()
-        )
-        if template_ids
-        else {}
-    )
+    keys = values_by_id(Template.id, Template.key, {sr.template_id for sr in rows})
     return SendRequestPage(
         data=[
             SendRequestSummary(**SendRequestSummary.fields_of(sr, keys.get(sr.template_id, "")))
@@ -689,21 +686,11 @@ def create_event(body: EventIn) -> EventOut:
 # --- deliveries --------------------------------------------------------------------------
 
 
-class DeliveryQuery(Schema):
+class DeliveryQuery(CreatedWindowPage):
     recipient: Text | None = Field(default=None, max_length=255, description="External id.")
     campaign: int | None = Field(default=None, ge=1, le=MAX_ID)
     channel: ChannelName | None = None
     status: StatusName | None = None
-    since: Timestamp | None = Field(default=None, description="Created at or after (RFC 3339).")
-    until: Timestamp | None = Field(default=None, description="Created before (RFC 3339).")
-    limit: int = Field(default=50, ge=1, le=200)
-    cursor: Text | None = None
-
-    @model_validator(mode="after")
-    def _window(self) -> DeliveryQuery:
-        if self.since and self.until and self.until <= self.since:
-            raise ValidationError.single("until", "Must be after since.")
-        return self
 
 
 class DeliveryOut(DeliverySummary):

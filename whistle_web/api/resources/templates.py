@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from sqlalchemy import func, select
 
 from whistle_web.api import bp
-from whistle_web.api.framework import Out, Schema, current_actor, endpoint, page
+from whistle_web.api.framework import Out, Schema, current_actor, endpoint, page, values_by_id
 from whistle_web.api.resources.audiences import (
     Description,
     ExternalId,
@@ -175,15 +175,7 @@ def _summaries(templates: list[Template]) -> list[dict[str, Any]]:
         return []
     ids = [t.id for t in templates]
     category_ids = {t.category_id for t in templates if t.category_id is not None}
-    categories = (
-        dict(
-            db.session.execute(
-                select(Category.id, Category.key).where(Category.id.in_(category_ids))
-            ).all()
-        )
-        if category_ids
-        else {}
-    )
+    categories = values_by_id(Category.id, Category.key, category_ids)
     latest = dict(
         db.session.execute(
             select(TemplateVersion.template_id, func.max(TemplateVersion.version))
