@@ -105,51 +105,57 @@ def enqueue_planning(request: SendRequest) -> Job:
     return job
 
 
-def enqueue_plannings(requests: Sequence[tuple[int, int]], *, kind: SendRequestKind) -> list[Job]:
+def enqueue_plannings(
+    requests: Sequence[tuple[int, int]],
+    *,
+    kind: SendRequestKind,
+    together: Sequence[tuple[int, int]] = (),
+) -> list[Job]:
     """Enqueue the planning of send requests given as (id, organization id), all in one
     Redis round trip (``enqueue`` takes two per job).
 
-    Several triggers (a web process's group, written by one statement) are planned by one
-    job, :func:`plan_send_requests`, whose id each request's alias key names. Anything else
-    gets a job of its own per request: campaign runs are planned (and sliced) on their own.
+    Each of ``requests`` gets a job of its own. ``together`` (small triggers a web process
+    wrote in one statement) are planned by one job, :func:`plan_send_requests`, whose id
+    each one's alias key names for the sweeper; one alone gets a job of its own too.
     """
     redis = get_redis()
     queue = Queue(HIGH if kind == SendRequestKind.TRIGGER else DEFAULT, connection=redis)
-    if kind == SendRequestKind.TRIGGER and len(requests) > 1:
-        job_id = f"plan-group-{requests[0][0]}"
-        with redis.pipeline() as pipe:
-            jobs = queue.enqueue_many(
-                [
-                    Queue.prepare_data(
-                        plan_send_requests,
-                        args=([tuple(request) for request in requests],),
-                        job_id=job_id,
-                        timeout=JOB_TIMEOUT,
-                        failure_ttl=FAILURE_TTL,
-                        result_ttl=3600,
-                        description=f"plan send requests {[r for r, _ in requests]}",
-                    )
-                ],
-                pipeline=pipe,
-            )
-            for request_id, _ in requests:
-                pipe.set(planning_alias_key(request_id), job_id, ex=GROUP_ALIAS_TTL)
-            pipe.execute()
-        return jobs
-    return queue.enqueue_many(
-        [
+    jobs = [
+        Queue.prepare_data(
+            plan_send_request,
+            args=(request_id, organization_id),
+            job_id=planning_job_id(request_id),
+            timeout=JOB_TIMEOUT,
+            failure_ttl=FAILURE_TTL,
+            result_ttl=3600,
+            description=f"plan send request {request_id}",
+        )
+        for request_id, organization_id in (
+            [*requests, *together] if len(together) == 1 else requests
+        )
+    ]
+    group_id = f"plan-group-{together[0][0]}" if len(together) > 1 else None
+    if group_id is not None:
+        jobs.append(
             Queue.prepare_data(
-                plan_send_request,
-                args=(request_id, organization_id),
-                job_id=planning_job_id(request_id),
+                plan_send_requests,
+                args=([(request_id, org_id) for request_id, org_id in together],),
+                job_id=group_id,
                 timeout=JOB_TIMEOUT,
                 failure_ttl=FAILURE_TTL,
                 result_ttl=3600,
-                description=f"plan send request {request_id}",
+                description=f"plan send requests {[r for r, _ in together]}",
             )
-            for request_id, organization_id in requests
-        ]
-    )
+        )
+    if not jobs:
+        return []
+    with redis.pipeline() as pipe:
+        enqueued = queue.enqueue_many(jobs, pipeline=pipe)
+        if group_id is not None:
+            for request_id, _ in together:
+                pipe.set(planning_alias_key(request_id), group_id, ex=GROUP_ALIAS_TTL)
+        pipe.execute()
+    return enqueued
 
 
 def enqueue_batches(

@@ -315,9 +315,10 @@ def test_a_topic_is_bounded_by_its_own_organizations_newest_recipient(  # type: 
     assert bounds == {a: ids[a, "u-2"], b: ids[b, "u-1"], empty.id: 0}
 
 
-def written_together(app: Any, *orgs: int) -> list[int]:
-    """Write a "welcome" in-app trigger to u-1 for each organization in one group, as the
-    web process does under load (planning enqueued). Returns the send request ids."""
+def written_together(app: Any, *orgs: int, to: dict[int, list[str]] | None = None) -> list[int]:
+    """Write a "welcome" in-app trigger to u-1 (or to ``to[i]`` for the i-th) for each
+    organization in one group, as the web process does under load (planning enqueued).
+    Returns the send request ids."""
     now = datetime.now(UTC)
     values = {
         "kind": "trigger",
@@ -334,8 +335,11 @@ def written_together(app: Any, *orgs: int) -> list[int]:
     with app.app_context():
         outcomes = services._write_group(
             [
-                services._Pending(services._statement_row(org, "welcome", ["u-1"], values), True)
-                for org in orgs
+                services._Pending(
+                    services._statement_row(org, "welcome", (to or {}).get(i, ["u-1"]), values),
+                    True,
+                )
+                for i, org in enumerate(orgs)
             ]
         )
         db.session.remove()
@@ -445,3 +449,36 @@ def test_a_trigger_failing_in_a_group_fails_alone_and_the_sweeper_plans_it_again
     assert (job.id, tuple(job.args)) == (f"plan-{first}", (first, a))
     work(app, redis)
     assert statuses(app)[first] == (a, "planned", 1)
+
+
+def test_a_larger_trigger_of_a_group_is_planned_by_a_job_of_its_own(
+    app, org, tenants, redis, make_recipient
+):  # type: ignore[no-untyped-def]
+    """Only triggers small enough to be sent by their planning job share one: the small
+    ones would otherwise wait for a larger one's planning."""
+    from whistle_web.deliveries.planner import INLINE_RECIPIENTS
+
+    a, b, _, _ = tenants
+    many = [f"m-{i}" for i in range(INLINE_RECIPIENTS + 1)]
+    for external_id in many:
+        make_recipient(org, external_id)
+    db.session.commit()
+    small, large, other = written_together(app, a, a, b, to={1: many})
+    jobs = {job.id: job.args for job in Queue(HIGH, connection=redis).get_jobs()}
+    assert jobs == {
+        f"plan-{large}": (large, a),
+        f"plan-group-{small}": ([(small, a), (other, b)],),
+    }
+    assert redis.get(f"whistle:planning:{large}") is None
+    work(app, redis)
+    assert statuses(app) == {
+        small: (a, "planned", 1),
+        large: (a, "planned", len(many)),
+        other: (b, "planned", 1),
+    }
+    # One small trigger beside a larger one: a job each.
+    lone, big = written_together(app, b, a, to={1: many})
+    assert {job.id for job in Queue(HIGH, connection=redis).get_jobs()} == {
+        f"plan-{lone}",
+        f"plan-{big}",
+    }

@@ -243,14 +243,27 @@ def _write_group(items: list[_Pending]) -> list[_Written | BaseException]:
             if len(items) == 1:
                 raise
             outcomes = [_write_alone(conn, item.row) for item in items]
+    due = [
+        (written.row[0], item.row["org"], _small(item.row))
+        for item, written in zip(items, outcomes, strict=True)
+        if item.due and isinstance(written, _Written) and written.row is not None
+    ]
+    # Small triggers are planned (and sent) by one job for the group; a larger one by a job
+    # of its own, which another worker can take at once instead of the small ones waiting.
     _enqueue_planning(
-        [
-            (written.row[0], item.row["org"])
-            for item, written in zip(items, outcomes, strict=True)
-            if item.due and isinstance(written, _Written) and written.row is not None
-        ]
+        [(request_id, org) for request_id, org, small in due if not small],
+        together=[(request_id, org) for request_id, org, small in due if small],
     )
     return outcomes
+
+
+def _small(row: dict[str, Any]) -> bool:
+    """A trigger whose planning job sends it too (planner.INLINE_RECIPIENTS, listed)."""
+    from whistle_web.deliveries.planner import INLINE_RECIPIENTS
+
+    return row["audience"] is None and len(row["external_ids"]) + len(row["ids"]) <= (
+        INLINE_RECIPIENTS
+    )
 
 
 def _write_alone(conn: Connection, row: dict[str, Any]) -> _Written | BaseException:
@@ -260,8 +273,11 @@ def _write_alone(conn: Connection, row: dict[str, Any]) -> _Written | BaseExcept
         return error
 
 
-def _enqueue_planning(requests: list[tuple[int, int]]) -> None:
-    """Enqueue the planning of written send requests, given as (id, organization id).
+def _enqueue_planning(
+    requests: list[tuple[int, int]], *, together: list[tuple[int, int]] | None = None
+) -> None:
+    """Enqueue the planning of written send requests, given as (id, organization id):
+    a job each, and one for those ``together`` (see `workers.sending.enqueue_plannings`).
 
     A written send request is accepted: should Redis fail here, the request is still
     answered, and the sweeper enqueues its planning after its grace period
@@ -269,14 +285,15 @@ def _enqueue_planning(requests: list[tuple[int, int]]) -> None:
     """
     from workers.sending import enqueue_plannings
 
-    if not requests:
+    together = together or []
+    if not requests and not together:
         return
     try:
-        enqueue_plannings(requests, kind=SendRequestKind.TRIGGER)
+        enqueue_plannings(requests, kind=SendRequestKind.TRIGGER, together=together)
     except RedisError:
         log.exception(
             "could not enqueue the planning of send requests %s; the sweeper will",
-            [request_id for request_id, _ in requests],
+            [request_id for request_id, _ in [*requests, *together]],
         )
 
 
