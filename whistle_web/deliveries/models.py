@@ -143,21 +143,6 @@ class Delivery(TenantScoped, db.Model):
             raise InvalidTransition(f"delivery {self.id} cannot move from {old} to {new}")
         return new
 
-    def advance(self, status: DeliveryStatus | str, at: datetime) -> bool:
-        """Move forward to ``status`` and stamp its time; a late or backward event is ignored.
-
-        Returns:
-            True when the status changed.
-        """
-        new = DeliveryStatus(status)
-        if new == self.status or not can_transition(self.status, new):
-            return False
-        self.status = new
-        stamp = f"{new.value}_at"
-        if hasattr(self, stamp) and getattr(self, stamp) is None:
-            setattr(self, stamp, at)
-        return True
-
 
 class BatchStatus(enum.StrEnum):
     PENDING = "pending"
