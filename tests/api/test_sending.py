@@ -165,15 +165,16 @@ def test_an_unusable_idempotency_key_is_422(api, welcome, ada, key):
 
 
 def test_a_key_used_outside_the_api_replays_its_send(org, api, welcome, ada):
-    """A send request made with a key but no request fingerprint (the console's, or one
-    from before fingerprints were kept) is returned as it is, with its template's key."""
+    """A send request made with a key but no request fingerprint (by another caller of
+    trigger(), or before fingerprints were kept) is returned as it is, with its template's
+    key."""
     from whistle_web.notifications.services import trigger
 
     with organization_scope(org.id):
-        made = trigger("welcome", to=["u-1"], idempotency_key="from-console", actor=SYSTEM)
+        made = trigger("welcome", to=["u-1"], idempotency_key="from-a-service", actor=SYSTEM)
         made_id = made.id
     body = {"template": "welcome", "to": ["u-1"], "data": {"other": "body"}}
-    replay = api.post("/notifications", json=body, headers={"Idempotency-Key": "from-console"})
+    replay = api.post("/notifications", json=body, headers={"Idempotency-Key": "from-a-service"})
     assert replay.status_code == 202 and replay.headers["Idempotent-Replayed"] == "true"
     assert replay.json["id"] == made_id and replay.json["template"] == "welcome"
     assert replay.json["status"] == "pending"

@@ -425,8 +425,9 @@ def create_notification(body: NotificationIn) -> NotificationAccepted | Response
         return NotificationAccepted(**_accepted_fields(sr, body.template))
     key = body.template
     if sr.request_hash is None:
-        # Made without a fingerprint (by the console, or before fingerprints were kept):
-        # nothing to compare; its template may have been asked for by another key.
+        # Made without a fingerprint (by a caller of trigger() other than this endpoint, or
+        # before fingerprints were kept): nothing to compare; its template may have been
+        # asked for by another key.
         key = db.session.scalar(select(Template.key).where(Template.id == sr.template_id)) or key
     elif sr.request_hash != digest:
         raise idempotency.different_request()
