@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from rq import Queue
 from rq.job import Job
@@ -99,6 +100,19 @@ def batch_job_id(batch_id: int) -> str:
     return f"batch-{batch_id}"
 
 
+def _job(func: Any, args: tuple[Any, ...], job_id: str, description: str) -> Any:
+    """A send-path job, for ``Queue.enqueue_many``: kept an hour once done, a week failed."""
+    return Queue.prepare_data(
+        func,
+        args=args,
+        job_id=job_id,
+        timeout=JOB_TIMEOUT,
+        failure_ttl=FAILURE_TTL,
+        result_ttl=3600,
+        description=description,
+    )
+
+
 def enqueue_planning(request: SendRequest) -> Job:
     """Enqueue the planning job of one send request in one Redis round trip."""
     (job,) = enqueue_plannings([(request.id, request.organization_id)], kind=request.kind)
@@ -121,14 +135,11 @@ def enqueue_plannings(
     redis = get_redis()
     queue = Queue(HIGH if kind == SendRequestKind.TRIGGER else DEFAULT, connection=redis)
     jobs = [
-        Queue.prepare_data(
+        _job(
             plan_send_request,
-            args=(request_id, organization_id),
-            job_id=planning_job_id(request_id),
-            timeout=JOB_TIMEOUT,
-            failure_ttl=FAILURE_TTL,
-            result_ttl=3600,
-            description=f"plan send request {request_id}",
+            (request_id, organization_id),
+            planning_job_id(request_id),
+            f"plan send request {request_id}",
         )
         for request_id, organization_id in (
             [*requests, *together] if len(together) == 1 else requests
@@ -137,14 +148,11 @@ def enqueue_plannings(
     group_id = f"plan-group-{together[0][0]}" if len(together) > 1 else None
     if group_id is not None:
         jobs.append(
-            Queue.prepare_data(
+            _job(
                 plan_send_requests,
-                args=([(request_id, org_id) for request_id, org_id in together],),
-                job_id=group_id,
-                timeout=JOB_TIMEOUT,
-                failure_ttl=FAILURE_TTL,
-                result_ttl=3600,
-                description=f"plan send requests {[r for r, _ in together]}",
+                ([(request_id, org_id) for request_id, org_id in together],),
+                group_id,
+                f"plan send requests {[r for r, _ in together]}",
             )
         )
     if not jobs:
@@ -167,15 +175,7 @@ def enqueue_batches(
     org_id = organization_id if organization_id is not None else require_organization_id()
     queue = Queue(DEFAULT if campaign else HIGH, connection=get_redis())
     jobs = [
-        Queue.prepare_data(
-            send_batch,
-            args=(batch_id, org_id),
-            job_id=batch_job_id(batch_id),
-            timeout=JOB_TIMEOUT,
-            failure_ttl=FAILURE_TTL,
-            result_ttl=3600,
-            description=f"send batch {batch_id}",
-        )
+        _job(send_batch, (batch_id, org_id), batch_job_id(batch_id), f"send batch {batch_id}")
         for batch_id in batch_ids
     ]
     if not jobs:
