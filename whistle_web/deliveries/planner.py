@@ -246,6 +246,14 @@ HOLD: dict[str, Any] = {"read": True, "key_share": True, "of": Recipient}
 INLINE_RECIPIENTS = 20
 
 
+def sent_when_planned(audience: dict[str, Any] | None, listed: int) -> bool:
+    """Whether a trigger's planning job sends it too: a list of at most
+    :data:`INLINE_RECIPIENTS` recipients (``audience`` None: the listed ones, not yet
+    written). The web process groups such triggers' planning into one job."""
+    kind = "recipients" if audience is None else audience.get("type")
+    return kind == "recipients" and listed <= INLINE_RECIPIENTS
+
+
 @lru_cache(maxsize=256)
 def _preferences_column(category_id: int | None) -> Any:
     """Each recipient's preferences that can apply to a send of this category, as a JSON
@@ -1252,8 +1260,8 @@ def plan_slice(batch: DeliveryBatch, request: SendRequest) -> str:
 def _small_trigger(request: SendRequest) -> bool:
     return (
         request.campaign_id is None
-        and (request.audience or {}).get("type") == "recipients"
-        and (_listed(request) or 0) <= INLINE_RECIPIENTS
+        and request.audience is not None
+        and sent_when_planned(request.audience, _listed(request) or 0)
     )
 
 

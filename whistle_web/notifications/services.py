@@ -258,12 +258,10 @@ def _write_group(items: list[_Pending]) -> list[_Written | BaseException]:
 
 
 def _small(row: dict[str, Any]) -> bool:
-    """A trigger whose planning job sends it too (planner.INLINE_RECIPIENTS, listed)."""
-    from whistle_web.deliveries.planner import INLINE_RECIPIENTS
+    """A trigger whose planning job sends it too (see planner.sent_when_planned)."""
+    from whistle_web.deliveries.planner import sent_when_planned
 
-    return row["audience"] is None and len(row["external_ids"]) + len(row["ids"]) <= (
-        INLINE_RECIPIENTS
-    )
+    return sent_when_planned(row["audience"], len(row["external_ids"]) + len(row["ids"]))
 
 
 def _write_alone(conn: Connection, row: dict[str, Any]) -> _Written | BaseException:
